@@ -1,0 +1,1 @@
+"""hsd: Hyper-SD training (work in progress)."""
