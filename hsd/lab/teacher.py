@@ -1,0 +1,146 @@
+"""The lab's "pretrained teacher": a small diffusers UNet2DConditionModel fitted to the exact eps.
+
+It is saved as a diffusers-format folder (unet/, text_encoder/, tokenizer/, scheduler/), the same layout a
+user's SD1.5 folder has, and loaded through the same from_pretrained calls. The text side is a tiny
+character-level CLIP tokenizer and a frozen random CLIPTextModel: the UNet learns to read its embeddings
+through cross-attention, as SD's UNet reads CLIP's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from ..diffusion.schedule import NoiseSchedule
+from .world import LabWorld
+
+DEFAULT_TEACHER = Path(__file__).parent / "teacher"
+MAKE_COMMAND = "hsd lab-teacher"
+CHARS = "abcdefghijklmnopqrstuvwxyz"
+MAX_LEN = 16
+
+
+class MissingTeacherError(FileNotFoundError):
+    pass
+
+
+def lab_scheduler() -> DDIMScheduler:
+    """SD's scaled_linear schedule, T = 1000; the final step lands on clean data (alpha-bar = 1)."""
+    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                         clip_sample=False, set_alpha_to_one=True, timestep_spacing="trailing",
+                         num_train_timesteps=1000)
+
+
+def build_unet(size: int = 8) -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=size, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+
+
+def build_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A character-level CLIP BPE tokenizer (no merges) over a-z."""
+    folder.mkdir(parents=True, exist_ok=True)
+    special = ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(list(CHARS) + [c + "</w>" for c in CHARS] + special)}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LEN,
+                        pad_token="<|endoftext|>")
+    for f in ("vocab.json", "merges.txt"):
+        (folder / f).unlink()
+    return tok
+
+
+def build_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=MAX_LEN, projection_dim=32,
+                         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    return CLIPTextModel(cfg).eval()
+
+
+@dataclass
+class Teacher:
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: DDIMScheduler
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Prompt embeddings [B, L, 32] the way SD pipelines make them (padded to max length)."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=MAX_LEN, truncation=True,
+                             return_tensors="pt").input_ids
+        return self.text_encoder(ids).last_hidden_state
+
+
+def load_teacher(path: str | os.PathLike = DEFAULT_TEACHER) -> Teacher:
+    path = Path(path)
+    if not (path / "unet" / "config.json").exists():
+        raise MissingTeacherError(f"lab teacher not found at {path}; make it with `{MAKE_COMMAND}`"
+                                  f" (or `{MAKE_COMMAND} --out {path}`)")
+    return Teacher(UNet2DConditionModel.from_pretrained(path / "unet").eval(),
+                   CLIPTextModel.from_pretrained(path / "text_encoder").eval(),
+                   CLIPTokenizer.from_pretrained(path / "tokenizer"),
+                   DDIMScheduler.from_pretrained(path / "scheduler"))
+
+
+def fit_teacher(world: LabWorld, steps: int = 3000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
+                uncond_prob: float = 0.2, log_every: int = 100) -> Teacher:
+    """Regress the UNet onto the exact eps (conditional, or unconditional for dropped prompts)."""
+    tmp = Path(tempfile.mkdtemp())
+    tok = build_tokenizer(tmp)
+    shutil.rmtree(tmp)
+    teacher = Teacher(build_unet(world.size), build_text_encoder(len(tok)), tok, lab_scheduler())
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    emb = teacher.encode(world.prompts + [""])  # [C + 1, L, 32]; the last row is the empty prompt
+    sched = NoiseSchedule.from_scheduler(teacher.scheduler)
+    opt = torch.optim.AdamW(teacher.unet.parameters(), lr=lr, weight_decay=0.0)
+    lr_at = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=steps, pct_start=0.1)
+    teacher.unet.train()
+    for step in range(steps):
+        labels = torch.randint(world.n_classes, (batch,), generator=g)
+        drop = torch.rand(batch, generator=g) < uncond_prob
+        t = torch.randint(sched.T, (batch,), generator=g)
+        a, s = sched.coeffs(t, torch.zeros(batch, 1, 1, 1, dtype=torch.float64))
+        x_t = a * world.sample(labels, g) + s * torch.randn(batch, *world.shape, generator=g, dtype=torch.float64)
+        target = torch.where(drop[:, None, None, None], world.eps(x_t, a.flatten(), s.flatten(), None),
+                             world.eps(x_t, a.flatten(), s.flatten(), labels))
+        cond = emb[torch.where(drop, world.n_classes, labels)]
+        pred = teacher.unet(x_t.float(), t, encoder_hidden_states=cond).sample
+        loss = torch.nn.functional.mse_loss(pred, target.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lr_at.step()
+        if log_every and step % log_every == 0:
+            print(f"teacher fit step {step}/{steps} eps-mse {loss.item():.5f}", flush=True)
+    teacher.unet.eval()
+    return teacher
+
+
+def save_teacher(teacher: Teacher, path: str | os.PathLike) -> Path:
+    """Write the diffusers folder atomically: a temp sibling renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    teacher.unet.save_pretrained(tmp / "unet")
+    teacher.text_encoder.save_pretrained(tmp / "text_encoder")
+    teacher.tokenizer.save_pretrained(tmp / "tokenizer")
+    teacher.scheduler.save_pretrained(tmp / "scheduler")
+    old = path.with_name(f".{path.name}.old")
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
