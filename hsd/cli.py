@@ -1,0 +1,71 @@
+"""`hsd`: the one entry point. train | lab | lab-teacher | ablate."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _split(items: list[str]) -> tuple[list[str], list[str]]:
+    """YAML paths and key=value overrides, in any order."""
+    return [i for i in items if "=" not in i], [i for i in items if "=" in i]
+
+
+def cmd_train(args) -> None:
+    from .config import load_config
+    from .train import run
+    paths, overrides = _split(args.items)
+    print(run(load_config(paths, overrides)))
+
+
+def cmd_lab(args) -> None:
+    args.items = [str(EXPERIMENTS / "lab" / "tscd.yaml"), *args.items]
+    cmd_train(args)
+
+
+def cmd_lab_teacher(args) -> None:
+    from .lab.teacher import DEFAULT_TEACHER, fit_teacher, save_teacher
+    from .lab.world import LabWorld
+    teacher = fit_teacher(LabWorld(), steps=args.steps, batch=args.batch, seed=args.seed)
+    print(f"saved the lab teacher to {save_teacher(teacher, args.out or DEFAULT_TEACHER)}")
+
+
+def cmd_ablate(args) -> None:
+    from .ablate import ablate
+    paths, overrides = _split(args.items)
+    print(ablate(paths, args.seeds, overrides, Path(args.out)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="hsd", description="Hyper-SD training (TSCD, feedback, DMD) and the lab")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train from YAML configs and key=value overrides")
+    t.add_argument("items", nargs="+", metavar="CONFIG|key=value")
+    t.set_defaults(fn=cmd_train)
+    lab = sub.add_parser("lab", help="TSCD 8->4->2->1 on the lab world and its table (experiments/lab/tscd.yaml)")
+    lab.add_argument("items", nargs="*", metavar="key=value")
+    lab.set_defaults(fn=cmd_lab)
+    lt = sub.add_parser("lab-teacher", help="fit the lab teacher UNet to the exact eps and save it")
+    lt.add_argument("--out", default=None, help="folder (default: the one shipped in hsd/lab/teacher)")
+    lt.add_argument("--steps", type=int, default=4000)
+    lt.add_argument("--batch", type=int, default=128)
+    lt.add_argument("--seed", type=int, default=0)
+    lt.set_defaults(fn=cmd_lab_teacher)
+    ab = sub.add_parser("ablate", help="run configs over seeds and compare their final students")
+    ab.add_argument("items", nargs="+", metavar="CONFIG|key=value")
+    ab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ab.add_argument("--out", default="runs/ablation")
+    ab.set_defaults(fn=cmd_ablate)
+    args = p.parse_args(argv)
+    from .config import ConfigError
+    from .lab.teacher import MissingTeacherError
+    try:
+        args.fn(args)
+    except (ConfigError, MissingTeacherError) as e:
+        sys.exit(f"hsd: error: {e}")
+
+
+if __name__ == "__main__":
+    main()

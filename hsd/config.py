@@ -1,0 +1,164 @@
+"""Structured configs: dataclasses hold every default; YAML files and key=value overrides change them.
+
+An experiment YAML may name a `base:` YAML (relative to itself) whose overrides it extends. Unknown keys
+are refused with the nearest known key suggested; the resolved config is saved in the run folder.
+"""
+from __future__ import annotations
+
+import difflib
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+
+from .models.lora import DEFAULT_TARGETS
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Stage:
+    k: int = 8                 # number of trajectory segments
+    grid_steps: int = 32       # N: the teacher's DDIM grid the student is distilled on
+    iterations: int = 300
+    w_mse: float = 1.0
+    w_adv: float = 0.0
+
+
+@dataclass
+class Lora:
+    rank: int = 16
+    alpha: float = 16.0
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))
+
+
+@dataclass
+class TSCD:
+    stages: list[Stage] = field(default_factory=lambda: [Stage(8, 32, 250), Stage(4, 32, 250),
+                                                         Stage(2, 32, 300), Stage(1, 32, 400)])
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    ema_decay: float = 0.95
+    guidance_min: float = 2.5  # w = 1 + omega ~ U[guidance_min, guidance_max] (Eq. 3)
+    guidance_max: float = 3.5
+    loss: str = "mse"          # mse | huber
+    huber_c: float = 0.001
+    offset_noise: float = 0.0  # noise perturbation: eps += offset_noise * N(0, 1) per sample and channel
+    t_end: str = "uniform"     # uniform: t_end ~ U[t_b, t_prev] (TSCD); boundary: t_end = t_b (CD when k = 1)
+
+
+@dataclass
+class Lab:
+    teacher: str = ""          # diffusers folder of the fitted lab teacher; "" = the one shipped in hsd/lab
+    eval_per_class: int = 64
+    eval_guidance: float = 3.0
+    teacher_steps: int = 25
+    student_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    tcd_eta: float = 0.3
+
+
+@dataclass
+class Trainer:
+    accelerator: str = "cpu"
+    devices: int = 1
+    log_every: int = 25
+    ckpt_every: int = 100
+    progress_bar: bool = True
+
+
+@dataclass
+class Run:
+    name: str = "lab_tscd"
+    out_dir: str = "runs"
+    seed: int = 0
+    world: str = "lab"
+    lora: Lora = field(default_factory=Lora)
+    tscd: TSCD = field(default_factory=TSCD)
+    lab: Lab = field(default_factory=Lab)
+    trainer: Trainer = field(default_factory=Trainer)
+
+
+def load_config(paths: list[str] = (), overrides: list[str] = ()) -> Run:
+    """Defaults <- each YAML (after its `base:` chain) <- key=value overrides; returns a typed Run."""
+    cfg = OmegaConf.structured(Run)
+    for p in paths:
+        for layer in _yaml_chain(Path(p)):
+            _check(Run, layer, str(p))
+            cfg = OmegaConf.merge(cfg, layer)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. tscd.lr=1e-4)")
+        key, value = item.split("=", 1)
+        _check_path(Run, key.split("."), key)
+        OmegaConf.update(cfg, key, yaml.safe_load(value), merge=True)
+    run = OmegaConf.to_object(cfg)
+    _validate(run)
+    return run
+
+
+def save_config(run: Run, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
+
+
+def _yaml_chain(path: Path) -> list[dict]:
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(data).__name__}")
+    base = data.pop("base", None)
+    return (_yaml_chain(path.parent / base) if base else []) + [data]
+
+
+def _unknown(key: str, known: list[str], prefix: str, where: str) -> ConfigError:
+    near = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean '{prefix}{near[0]}'?" if near else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"unknown config key '{prefix}{key}' in {where}{hint}")
+
+
+def _check(cls, data: dict, where: str, prefix: str = "") -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        if key not in hints:
+            raise _unknown(key, [f.name for f in fields(cls)], prefix, where)
+        t = hints[key]
+        if is_dataclass(t) and isinstance(value, dict):
+            _check(t, value, where, f"{prefix}{key}.")
+        elif typing.get_origin(t) is list and is_dataclass(typing.get_args(t)[0]) and isinstance(value, list):
+            for i, item in enumerate(value):
+                if not isinstance(item, dict):
+                    raise ConfigError(f"{where}: '{prefix}{key}.{i}' must be a mapping")
+                _check(typing.get_args(t)[0], item, where, f"{prefix}{key}.{i}.")
+
+
+def _check_path(cls, parts: list[str], where: str, prefix: str = "") -> None:
+    hints = typing.get_type_hints(cls)
+    if parts[0] not in hints:
+        raise _unknown(parts[0], [f.name for f in fields(cls)], prefix, f"override '{where}'")
+    t, rest = hints[parts[0]], parts[1:]
+    if rest and typing.get_origin(t) is list and rest[0].isdigit():
+        t, rest, prefix = typing.get_args(t)[0], rest[1:], f"{prefix}{parts[0]}.{rest[0]}."
+    else:
+        prefix = f"{prefix}{parts[0]}."
+    if rest and is_dataclass(t):
+        _check_path(t, rest, where, prefix)
+
+
+def _validate(run: Run) -> None:
+    t = run.tscd
+    if t.loss not in ("mse", "huber"):
+        raise ConfigError(f"tscd.loss must be 'mse' or 'huber', got {t.loss!r}")
+    if t.t_end not in ("uniform", "boundary"):
+        raise ConfigError(f"tscd.t_end must be 'uniform' or 'boundary', got {t.t_end!r}")
+    if not t.stages:
+        raise ConfigError("tscd.stages is empty")
+    if not t.guidance_min <= t.guidance_max:
+        raise ConfigError("tscd.guidance_min must not exceed tscd.guidance_max")
+    if run.world != "lab":
+        raise ConfigError(f"world {run.world!r} is not available yet; the lab is (world: lab)")

@@ -1,0 +1,44 @@
+"""Batches keyed by their global index, so any batch can be rebuilt exactly on resume."""
+from __future__ import annotations
+
+from typing import Callable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..lab.world import LabWorld
+
+
+class IndexedBatches(Dataset):
+    """Item i is the whole batch number start + i (the loader runs with batch_size=None)."""
+
+    def __init__(self, make_batch: Callable[[int], dict], start: int, stop: int):
+        self.make_batch, self.start, self.stop = make_batch, start, stop
+
+    def __len__(self) -> int:
+        return max(self.stop - self.start, 0)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.make_batch(self.start + i), "index": self.start + i}
+
+
+class LabData(L.LightningDataModule):
+    """Lab samples: class labels, clean x0 from the exact mixture, prompt embeddings (cond and uncond)."""
+
+    def __init__(self, world: LabWorld, prompt_emb: torch.Tensor, empty_emb: torch.Tensor, batch_size: int,
+                 steps: int, seed: int = 0):
+        super().__init__()
+        self.world, self.emb, self.empty = world, prompt_emb, empty_emb
+        self.batch_size, self.steps, self.seed = batch_size, steps, seed
+
+    def make_batch(self, index: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        labels = torch.randint(self.world.n_classes, (self.batch_size,), generator=g)
+        return {"x0": self.world.sample(labels, g).float(), "labels": labels, "cond": self.emb[labels],
+                "uncond": self.empty.expand(self.batch_size, -1, -1)}
+
+    def train_dataloader(self) -> DataLoader:
+        # Called after a checkpoint is restored: start at the first batch not yet trained on.
+        start = self.trainer.global_step if self.trainer else 0
+        return DataLoader(IndexedBatches(self.make_batch, start, self.steps), batch_size=None, shuffle=False)
