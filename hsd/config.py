@@ -38,8 +38,9 @@ class Lora:
 
 @dataclass
 class TSCD:
-    stages: list[Stage] = field(default_factory=lambda: [Stage(8, 32, 250), Stage(4, 32, 250),
-                                                         Stage(2, 32, 300), Stage(1, 32, 400)])
+    stages: list[Stage] = field(default_factory=lambda: [Stage(8, 32, 200), Stage(4, 32, 200),
+                                                         Stage(2, 32, 250), Stage(1, 32, 350)])
+    iteration_scale: float = 1.0  # multiplies every stage's iterations (quick ablations at equal budgets)
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.0

@@ -76,18 +76,20 @@ def run(cfg: Run) -> str:
     schedule = NoiseSchedule.from_scheduler(teacher.scheduler)
     emb = teacher.encode(world.prompts + [""])
     evaluator = LabEvaluator(world, teacher, cfg.lab)
+    L.seed_everything(cfg.seed, verbose=False)  # the LoRA's A matrices are drawn at random
     attach_lora(teacher.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
     loras = []
     for i, stage in enumerate(cfg.tscd.stages):
         path = stage_lora_path(out, i, stage.k)
+        steps = max(1, round(stage.iterations * cfg.tscd.iteration_scale))
         if path.exists():
             load_lora(teacher.unet, path)
         else:
             L.seed_everything(cfg.seed + i, verbose=False)
             sdir = out / f"stage{i}_k{stage.k}"
             module = TSCDModule(teacher.unet, schedule, stage, cfg.tscd, seed=cfg.seed * 100 + i)
-            data = LabData(world, emb[:-1], emb[-1:], cfg.tscd.batch_size, stage.iterations, cfg.seed * 100 + i)
-            trainer = make_trainer(cfg, sdir, stage.iterations, [SampleGrid(evaluator, stage.k)])
+            data = LabData(world, emb[:-1], emb[-1:], cfg.tscd.batch_size, steps, cfg.seed * 100 + i)
+            trainer = make_trainer(cfg, sdir, steps, [SampleGrid(evaluator, stage.k)])
             last = sdir / "checkpoints" / "last.ckpt"
             trainer.fit(module, datamodule=data, ckpt_path=last if last.exists() else None)
             save_lora(path, teacher.unet, {"k": str(stage.k), "rank": str(cfg.lora.rank),

@@ -49,8 +49,11 @@ class TSCDModule(L.LightningModule):
         return functional_call(self.unet, self.ema.tensors(), (x, t), {"encoder_hidden_states": cond},
                                strict=False).sample
 
-    def tscd_pair(self, batch: dict, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        """(student prediction, target), both projected to t_end (Eq. 14). Randomness from g only."""
+    def tscd_pair(self, batch: dict, g: torch.Generator) -> tuple[Tensor, Tensor, dict]:
+        """(student prediction, target), both projected to t_end (Eq. 14), and the draws that made them.
+
+        All randomness comes from g.
+        """
         x0, cond, uncond = batch["x0"], batch["cond"], batch["uncond"]
         B, dev = x0.shape[0], x0.device
         ts = sample_times(self.grid.cpu(), self.stage.k, self.schedule.T, B, g, self.cfg.t_end)
@@ -64,18 +67,20 @@ class TSCDModule(L.LightningModule):
             x_prev = teacher_step(self.schedule, self.teacher_eps, x_tn, t_n, t_prev, cond, uncond, w.to(dev))
             target = ddim_step(self.schedule, x_prev, self.ema_eps(x_prev, t_prev, cond), t_prev, t_end)
         pred = ddim_step(self.schedule, x_tn, self.student_eps(x_tn, t_n, cond), t_n, t_end)
-        return pred, target
+        return pred, target, {"x_tn": x_tn, "t_n": t_n, "t_prev": t_prev, "t_end": t_end, "w": w}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         # Seeded by the batch's global index, so a resumed run draws exactly what the uninterrupted one did.
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(batch["index"]) + 7)
-        pred, target = self.tscd_pair(batch, g)
+        pred, target, _ = self.tscd_pair(batch, g)
         s = self.stage
         loss = tscd_loss(pred, target, s.w_mse, self.cfg.loss, self.cfg.huber_c, s.w_adv, self.adversarial)
         self.log(f"train/loss_k{s.k}", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # EMA right after the step, before any callback (e.g. a checkpoint) sees the batch end.
+        super().optimizer_step(*args, **kwargs)
         self.ema.update(lora_params(self.unet), self.cfg.ema_decay)
 
     def configure_optimizers(self):

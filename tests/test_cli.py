@@ -1,0 +1,34 @@
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HSD = [sys.executable, "-m", "hsd.cli"]
+
+
+def test_lab_teacher_then_lab_end_to_end(tmp_path):
+    """`hsd lab-teacher` (tiny) makes a loadable teacher; `hsd lab` trains 8->4->2->1 on it and writes the table."""
+    teacher = tmp_path / "teacher"
+    r = subprocess.run([*HSD, "lab-teacher", "--steps", "20", "--batch", "16", "--out", str(teacher)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    args = [*HSD, "lab", f"lab.teacher={teacher}", f"out_dir={tmp_path}", "name=e2e", "lab.eval_per_class=8",
+            "tscd.batch_size=8", "trainer.progress_bar=false",
+            "tscd.stages=[{k: 8, iterations: 2}, {k: 4, iterations: 2}, {k: 2, iterations: 2}, {k: 1, iterations: 3}]"]
+    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "e2e"
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    assert [(x["model"], int(x["steps"])) for x in rows] == (
+        [("Teacher", n) for n in (25, 1, 2, 4, 8)] + [(f"TSCD stage k={k}", k) for k in (8, 4, 2, 1)]
+        + [("TSCD final (k=1)", n) for n in (1, 2, 4, 8)])
+    assert all(0 <= float(x["alignment"]) <= 1 and float(x["traj_err"]) >= 0 for x in rows)
+    assert (out / "table.md").read_text().count("\n| ") == len(rows) + 1
+    assert (out / "samples.png").stat().st_size > 0 and (out / "config.yaml").exists()
+    assert len(list(out.glob("lora_stage*_k*.safetensors"))) == 4
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    # A rerun finds every stage's LoRA and only rebuilds the table.
+    r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "Trainer.fit" not in r.stderr + r.stdout
+    assert list(csv.DictReader(open(out / "table.csv"))) == rows

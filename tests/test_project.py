@@ -1,0 +1,48 @@
+import configparser
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hsd.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_environment_yml_lists_setup_cfg_dependencies():
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    setup = {r.strip() for r in cfg["options"]["install_requires"].splitlines() if r.strip()}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    listed = {p for p in pip if not p.startswith(("-e", "setuptools"))}
+    assert listed == setup
+
+
+def test_every_experiment_config_loads():
+    files = sorted((ROOT / "experiments").rglob("*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        load_config([str(f)])
+
+
+def test_unknown_config_key_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tscd:\n  ema_decy: 0.9\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'tscd.ema_decy'.*did you mean 'tscd.ema_decay'"):
+        load_config([str(bad)])
+    with pytest.raises(ConfigError, match=r"'tscd.stages.0.iteratons'.*'tscd.stages.0.iterations'"):
+        load_config([], ["tscd.stages.0.iteratons=3"])
+    with pytest.raises(ConfigError, match="tscd.loss must be"):
+        load_config([], ["tscd.loss=l1"])
+
+
+def test_cli_reports_bad_key_and_missing_teacher(tmp_path):
+    hsd = [sys.executable, "-m", "hsd.cli"]
+    r = subprocess.run([*hsd, "lab", "tscd.lrr=1"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "unknown config key 'tscd.lrr'" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([*hsd, "lab", f"lab.teacher={tmp_path}/none", f"out_dir={tmp_path}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "hsd lab-teacher" in r.stderr and "Traceback" not in r.stderr
