@@ -14,7 +14,7 @@ from torchvision.utils import make_grid
 
 from .config import Run, save_config
 from .diffusion.schedule import NoiseSchedule
-from .lab.evaluate import LabEvaluator, Row, save_grid, write_table
+from .lab.evaluate import LabEvaluator, save_grid, write_table
 from .lab.teacher import DEFAULT_TEACHER, load_teacher
 from .lab.world import LabWorld
 from .lit.data import LabData

@@ -46,3 +46,10 @@ def test_cli_reports_bad_key_and_missing_teacher(tmp_path):
     r = subprocess.run([*hsd, "lab", f"lab.teacher={tmp_path}/none", f"out_dir={tmp_path}"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "hsd lab-teacher" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_package_exposes_the_lab_metrics(world):
+    import eval
+    import torch
+    labels = torch.arange(4)
+    assert eval.lab_metrics(world, world.means[labels, 0], labels)["alignment"] == 1.0
