@@ -1,8 +1,6 @@
 """The one training entry point: TSCD stages k = 8 -> 4 -> 2 -> 1, each resuming the last, then the table."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +12,7 @@ from torchvision.utils import make_grid
 
 from .config import Run, save_config
 from .diffusion.schedule import NoiseSchedule
+from .io import atomic_path
 from .lab.evaluate import LabEvaluator, save_grid, write_table
 from .lab.teacher import DEFAULT_TEACHER, load_teacher
 from .lab.world import LabWorld
@@ -26,16 +25,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints go to a temp file renamed into place: a crash never leaves a torn last.ckpt."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
 
 
 class SampleGrid(L.Callback):

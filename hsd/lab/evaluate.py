@@ -11,6 +11,7 @@ from torchvision.utils import save_image
 
 from ..config import Lab
 from ..diffusion.solvers import guided_eps
+from ..io import atomic_path
 from .ode import exact_ode
 from .teacher import Teacher
 from .world import LabWorld, metrics
@@ -83,8 +84,9 @@ def write_table(rows: list[Row], out: Path, title: str = "") -> str:
         vals = [fmt[c].format(r.values[c]) for c in COLUMNS]
         lines.append(f"| {r.model} | {r.steps} | {r.scheduler} | " + " | ".join(vals) + " |")
     md = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(md)
-    with open(out / "table.csv", "w", newline="") as f:
+    with atomic_path(out / "table.md") as tmp:
+        Path(tmp).write_text(md)
+    with atomic_path(out / "table.csv") as tmp, open(tmp, "w", newline="") as f:
         wr = csv.writer(f)
         wr.writerow(["model", "steps", "scheduler", *COLUMNS])
         for r in rows:

@@ -46,18 +46,19 @@ def build_unet(size: int = 8) -> UNet2DConditionModel:
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
 
 
-def build_tokenizer(folder: Path) -> CLIPTokenizer:
+def build_tokenizer() -> CLIPTokenizer:
     """A character-level CLIP BPE tokenizer (no merges) over a-z."""
-    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        return _clip_tokenizer(Path(tmp))
+
+
+def _clip_tokenizer(folder: Path) -> CLIPTokenizer:
     special = ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(list(CHARS) + [c + "</w>" for c in CHARS] + special)}
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LEN,
-                        pad_token="<|endoftext|>")
-    for f in ("vocab.json", "merges.txt"):
-        (folder / f).unlink()
-    return tok
+    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LEN,
+                         pad_token="<|endoftext|>")
 
 
 def build_text_encoder(vocab_size: int, seed: int = 0) -> CLIPTextModel:
@@ -94,12 +95,10 @@ def load_teacher(path: str | os.PathLike = DEFAULT_TEACHER) -> Teacher:
                    DDIMScheduler.from_pretrained(path / "scheduler"))
 
 
-def fit_teacher(world: LabWorld, steps: int = 3000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
+def fit_teacher(world: LabWorld, steps: int = 4000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
                 uncond_prob: float = 0.2, log_every: int = 100) -> Teacher:
     """Regress the UNet onto the exact eps (conditional, or unconditional for dropped prompts)."""
-    tmp = Path(tempfile.mkdtemp())
-    tok = build_tokenizer(tmp)
-    shutil.rmtree(tmp)
+    tok = build_tokenizer()
     teacher = Teacher(build_unet(world.size), build_text_encoder(len(tok)), tok, lab_scheduler())
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)

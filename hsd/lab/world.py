@@ -67,24 +67,24 @@ class LabWorld:
         return flat[labels]
 
     def _posterior(self, x: Tensor, a: Tensor, s: Tensor, labels: Tensor | None):
-        """Responsibilities [B, K, 1], x - a mu [B, K, D] and per-component variance a^2 sigma^2 + s^2."""
+        """Responsibilities [B, K, 1], means mu [B, K, D], x - a mu and variance a^2 sigma^2 + s^2."""
         B = x.shape[0]
         xf = x.double().flatten(1)[:, None]  # [B, 1, D]
         a, s = _col(a, B), _col(s, B)        # [B, 1, 1]
-        diff = xf - a * self._components(labels, B)
+        mu = self._components(labels, B)
+        diff = xf - a * mu
         var = a ** 2 * self.sigma ** 2 + s ** 2
         resp = (-(diff ** 2).sum(-1, keepdim=True) / (2 * var)).softmax(1)
-        return resp, diff, var, a, s
+        return resp, mu, diff, var, a, s
 
     def posterior_mean(self, x: Tensor, a: Tensor, s: Tensor, labels: Tensor | None) -> Tensor:
         """E[x0 | x_t] for x_t = a x0 + s eps; a, s as [B] or scalars; labels None = unconditional."""
-        resp, diff, var, a, _ = self._posterior(x, a, s, labels)
-        mu = self._components(labels, x.shape[0])
+        resp, mu, diff, var, a, _ = self._posterior(x, a, s, labels)
         return (resp * (mu + a * self.sigma ** 2 / var * diff)).sum(1).view_as(x)
 
     def eps(self, x: Tensor, a: Tensor, s: Tensor, labels: Tensor | None) -> Tensor:
         """Exact eps = (x_t - a E[x0|x_t]) / s = sum_k r_k s (x_t - a mu_k) / var: finite as s -> 0."""
-        resp, diff, var, _, s = self._posterior(x, a, s, labels)
+        resp, _, diff, var, _, s = self._posterior(x, a, s, labels)
         return (resp * s / var * diff).sum(1).view_as(x)
 
     def cfg_eps(self, x: Tensor, a: Tensor, s: Tensor, labels: Tensor, w: float | Tensor) -> Tensor:
@@ -94,24 +94,25 @@ class LabWorld:
         return eu + w * (ec - eu)
 
     # ---- exact metrics ----
+    def _sq_dist(self, x: Tensor) -> Tensor:
+        """Squared distance [B, K] from each sample to every mode mean (class-major order)."""
+        return ((x.double().flatten(1)[:, None] - self.means.flatten(2).flatten(0, 1)[None]) ** 2).sum(-1)
+
     def log_prob(self, x: Tensor) -> Tensor:
         """log p_data(x) per sample [B] under the whole (unconditional) mixture."""
-        xf = x.double().flatten(1)[:, None]
-        mu = self.means.flatten(2).flatten(0, 1)[None]  # [1, K, D]
-        d, K = self.dim, mu.shape[1]
-        quad = -((xf - mu) ** 2).sum(-1) / (2 * self.sigma ** 2)
-        return torch.logsumexp(quad, -1) - math.log(K) - 0.5 * d * math.log(2 * math.pi * self.sigma ** 2)
+        K = self.n_classes * self.n_modes
+        quad = -self._sq_dist(x) / (2 * self.sigma ** 2)
+        return torch.logsumexp(quad, -1) - math.log(K) - 0.5 * self.dim * math.log(2 * math.pi * self.sigma ** 2)
 
     def nearest_mode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(class, mode) of the nearest mode mean, each [B]."""
-        d = ((x.double().flatten(1)[:, None] - self.means.flatten(2).flatten(0, 1)[None]) ** 2).sum(-1)
-        idx = d.argmin(-1)
+        idx = self._sq_dist(x).argmin(-1)
         return idx // self.n_modes, idx % self.n_modes
 
 
 def _col(v, B: int) -> Tensor:
-    v = torch.as_tensor(v, dtype=torch.float64)
-    return v.reshape(-1, 1, 1).expand(B, 1, 1) if v.numel() > 1 else v.reshape(1, 1, 1).expand(B, 1, 1)
+    """A scalar or [B] coefficient as [B, 1, 1]."""
+    return torch.as_tensor(v, dtype=torch.float64).reshape(-1, 1, 1).expand(B, 1, 1)
 
 
 def metrics(world: LabWorld, x: Tensor, labels: Tensor, x_ref: Tensor | None = None) -> dict[str, float]:

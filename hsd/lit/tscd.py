@@ -31,7 +31,7 @@ class TSCDModule(L.LightningModule):
         self.unet, self.schedule, self.stage, self.cfg, self.seed = unet, schedule, stage, cfg, seed
         self.adversarial = adversarial
         self.ema = EMA(lora_params(unet))
-        self.register_buffer("grid", ddim_grid(schedule.T, stage.grid_steps), persistent=False)
+        self.grid = ddim_grid(schedule.T, stage.grid_steps)  # CPU: times are drawn with a CPU generator
         self.strict_loading = False  # checkpoints hold only the LoRA, its EMA and optimizer state
 
     # ---- the three eps functions: student, frozen teacher, EMA target ----
@@ -56,7 +56,7 @@ class TSCDModule(L.LightningModule):
         """
         x0, cond, uncond = batch["x0"], batch["cond"], batch["uncond"]
         B, dev = x0.shape[0], x0.device
-        ts = sample_times(self.grid.cpu(), self.stage.k, self.schedule.T, B, g, self.cfg.t_end)
+        ts = sample_times(self.grid, self.stage.k, self.schedule.T, B, g, self.cfg.t_end)
         t_n, t_prev, t_end = (v.to(dev) for v in (ts.t_n, ts.t_prev, ts.t_end))
         noise = torch.randn(x0.shape, generator=g).to(x0)
         if self.cfg.offset_noise:
@@ -87,12 +87,14 @@ class TSCDModule(L.LightningModule):
         return torch.optim.AdamW(lora_params(self.unet).values(), lr=self.cfg.lr,
                                  weight_decay=self.cfg.weight_decay)
 
+    def _checkpoint_keys(self) -> set[str]:
+        return {f"unet.{n}" for n in lora_params(self.unet)} | {f"ema.{k}" for k in self.ema.state_dict()}
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep = {f"unet.{n}" for n in lora_params(self.unet)} | {f"ema.{k}" for k in self.ema.state_dict()}
+        keep = self._checkpoint_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        want = {f"unet.{n}" for n in lora_params(self.unet)} | {f"ema.{k}" for k in self.ema.state_dict()}
-        missing = want - set(checkpoint["state_dict"])
+        missing = self._checkpoint_keys() - set(checkpoint["state_dict"])
         if missing:
             raise KeyError(f"checkpoint lacks {len(missing)} LoRA/EMA tensors, e.g. {sorted(missing)[0]}")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -10,6 +9,8 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ..io import atomic_path
 
 # Every linear/conv of SD's attention, feed-forward and resnet blocks, as PCM and LCM-LoRA train them.
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -35,18 +36,10 @@ def lora_params(unet) -> dict[str, torch.Tensor]:
 
 def save_lora(path: str | os.PathLike, unet, metadata: dict[str, str] | None = None) -> Path:
     """diffusers layout ("unet.<module>.lora_A.weight"), written to a temp file and renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {PREFIX + k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(state, tmp, metadata={"format": "diffusers-lora", **(metadata or {})})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def load_lora(unet, path: str | os.PathLike) -> None:
