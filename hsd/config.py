@@ -20,6 +20,9 @@ class ConfigError(ValueError):
     pass
 
 
+WORLDS = ("lab", "sd15", "sdxl")
+
+
 @dataclass
 class Stage:
     k: int = 8                 # number of trajectory segments
@@ -37,6 +40,15 @@ class Lora:
 
 
 @dataclass
+class Adversarial:
+    """The discriminator used where a stage's w_adv > 0 (frozen teacher-encoder features + light heads)."""
+    loss: str = "hinge"        # hinge | ns (non-saturating)
+    lr: float = 1e-4
+    hidden: int = 64           # channels of each head
+    renoise_max: float = 0.5   # both samples are re-noised from t_end to t' ~ U[t_end, renoise_max * T]
+
+
+@dataclass
 class TSCD:
     stages: list[Stage] = field(default_factory=lambda: [Stage(8, 32, 200), Stage(4, 32, 200),
                                                          Stage(2, 32, 250), Stage(1, 32, 350)])
@@ -51,6 +63,10 @@ class TSCD:
     huber_c: float = 0.001
     offset_noise: float = 0.0  # noise perturbation: eps += offset_noise * N(0, 1) per sample and channel
     t_end: str = "uniform"     # uniform: t_end ~ U[t_b, t_prev] (TSCD); boundary: t_end = t_b (CD when k = 1)
+    accumulate: int = 1        # micro-batches per optimizer step (effective batch = batch_size * accumulate * GPUs)
+    grad_clip: float = 0.0     # max gradient norm of the LoRA (0: off)
+    optimizer: str = "adamw"   # adamw | adamw8bit (bitsandbytes)
+    adv: Adversarial = field(default_factory=Adversarial)
 
 
 @dataclass
@@ -64,9 +80,35 @@ class Lab:
 
 
 @dataclass
+class Model:
+    """SD1.5 / SDXL weights (world: sd15 | sdxl), all from local files."""
+    path: str = ""             # diffusers folder (model_index.json) or a single-file .safetensors
+    config: str = ""           # for a single file: a diffusers folder with the configs and tokenizers
+    vae: str = ""              # optional replacement VAE folder (e.g. an fp16-fixed SDXL VAE)
+    vae_dtype: str = "float32"  # the SDXL VAE overflows in half precision: keep float32 unless fixed
+    frozen_dtype: str = "float32"  # dtype of the frozen UNet/text weights (bfloat16 halves their memory)
+    lora_init: str = ""        # start from this LoRA file (e.g. a released Hyper-SD LoRA) instead of zeros
+    gradient_checkpointing: bool = False
+    resolution: int = 512
+
+
+@dataclass
+class Data:
+    shards: str = ""           # webdataset shards: paths, brace patterns, pipe: URLs
+    folder: str = ""           # or a folder of images with same-stem .txt captions
+    crop: str = "random"       # random | center
+    flip: bool = False
+    num_workers: int = 0
+    sample_prompts: list[str] = field(default_factory=lambda: ["a photo of a cat", "a red car on a city street"])
+
+
+@dataclass
 class Trainer:
     accelerator: str = "cpu"
     devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"     # auto | ddp | fsdp
+    precision: str = "32-true"  # 32-true | bf16-mixed | bf16-true | 16-mixed
     log_every: int = 25
     ckpt_every: int = 100
     progress_bar: bool = True
@@ -81,6 +123,8 @@ class Run:
     lora: Lora = field(default_factory=Lora)
     tscd: TSCD = field(default_factory=TSCD)
     lab: Lab = field(default_factory=Lab)
+    model: Model = field(default_factory=Model)
+    data: Data = field(default_factory=Data)
     trainer: Trainer = field(default_factory=Trainer)
 
 
@@ -161,5 +205,18 @@ def _validate(run: Run) -> None:
         raise ConfigError("tscd.stages is empty")
     if not t.guidance_min <= t.guidance_max:
         raise ConfigError("tscd.guidance_min must not exceed tscd.guidance_max")
+    if run.world not in WORLDS:
+        raise ConfigError(f"world must be one of {', '.join(WORLDS)}, got {run.world!r}")
+    if t.adv.loss not in ("hinge", "ns"):
+        raise ConfigError(f"tscd.adv.loss must be 'hinge' or 'ns', got {t.adv.loss!r}")
+    if t.optimizer not in ("adamw", "adamw8bit"):
+        raise ConfigError(f"tscd.optimizer must be 'adamw' or 'adamw8bit', got {t.optimizer!r}")
+    if t.accumulate < 1:
+        raise ConfigError("tscd.accumulate must be >= 1")
+    if run.trainer.strategy not in ("auto", "ddp", "fsdp"):
+        raise ConfigError(f"trainer.strategy must be auto, ddp or fsdp, got {run.trainer.strategy!r}")
     if run.world != "lab":
-        raise ConfigError(f"world {run.world!r} is not available yet; the lab is (world: lab)")
+        if not run.model.path:
+            raise ConfigError(f"world {run.world!r} needs model.path: a local diffusers folder or .safetensors file")
+        if bool(run.data.shards) == bool(run.data.folder):
+            raise ConfigError("set exactly one of data.shards (webdataset) and data.folder (images + .txt)")

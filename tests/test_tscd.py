@@ -59,7 +59,8 @@ def test_loss_is_zero_when_student_reproduces_target_map(world, lab_parts):
 
 def test_only_lora_parameters_get_gradients(world, lab_parts):
     module, _ = _module(lab_parts)
-    module.training_step(_batch(world, lab_parts), 0).backward()
+    pred, target, _ = module.tscd_pair(_batch(world, lab_parts), torch.Generator().manual_seed(0))
+    tscd_loss(pred, target).backward()
     named = dict(module.unet.named_parameters())
     assert all(p.grad is None for n, p in named.items() if "lora_" not in n)
     lora = lora_params(module.unet)
@@ -92,7 +93,7 @@ def test_resume_reproduces_uninterrupted_losses(world, tmp_path):
         emb = teacher.encode(world.prompts + [""])
         module = TSCDModule(teacher.unet, NoiseSchedule.from_scheduler(teacher.scheduler),
                             cfg.tscd.stages[0], cfg.tscd, seed=5)
-        trainer = make_trainer(cfg, out / "stage0_k2", max_steps, [rec])
+        trainer = make_trainer(cfg, out / "stage0_k2", max_steps, 3, [rec])
         trainer.fit(module, datamodule=LabData(world, emb[:-1], emb[-1:], 8, 6, seed=5), ckpt_path=ckpt)
         return module
 
@@ -131,7 +132,7 @@ def test_lora_roundtrip_and_bad_layout(lab_parts, tmp_path):
 def test_w_adv_without_discriminator_is_refused(lab_parts):
     teacher, sched, _, _ = lab_parts
     cfg = load_config([], ["tscd.stages=[{k: 2, w_adv: 0.5}]"])
-    with pytest.raises(ValueError, match="w_adv=0.5 but no discriminator"):
+    with pytest.raises(ValueError, match="w_adv=0.5 but no discriminator was given"):
         TSCDModule(teacher.unet, sched, cfg.tscd.stages[0], cfg.tscd)
 
 

@@ -59,3 +59,10 @@ def v_to_eps(x_t: Tensor, v: Tensor, a: Tensor, s: Tensor) -> Tensor:
 
 def eps_to_v(x_t: Tensor, eps: Tensor, a: Tensor, s: Tensor) -> Tensor:
     return a * eps - s * eps_to_x0(x_t, eps, a, s)
+
+
+def renoise(sched: NoiseSchedule, x: Tensor, t_from: Tensor, t_to: Tensor, noise: Tensor) -> Tensor:
+    """Sample q(x_to | x_from) for t_to >= t_from: x_to = sqrt(r) x + sqrt(1 - r) noise, r = abar_to / abar_from."""
+    shape = (-1, *([1] * (x.dim() - 1)))
+    r = (sched.alpha_bar(t_to) / sched.alpha_bar(t_from)).clamp(max=1).reshape(shape)
+    return r.sqrt().to(x) * x + (1 - r).sqrt().to(x) * noise

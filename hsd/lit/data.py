@@ -27,8 +27,9 @@ class LabData(L.LightningDataModule):
     """Lab samples: class labels, clean x0 from the exact mixture, prompt embeddings (cond and uncond)."""
 
     def __init__(self, world: LabWorld, prompt_emb: torch.Tensor, empty_emb: torch.Tensor, batch_size: int,
-                 steps: int, seed: int = 0):
+                 steps: int, seed: int = 0, start_fn: Callable | None = None):
         super().__init__()
+        self.start_fn = start_fn  # trainer -> batches already trained on (after a checkpoint is restored)
         self.world, self.emb, self.empty = world, prompt_emb, empty_emb
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
 
@@ -40,5 +41,5 @@ class LabData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Called after a checkpoint is restored: start at the first batch not yet trained on.
-        start = self.trainer.global_step if self.trainer else 0
+        start = 0 if self.trainer is None else (self.start_fn or (lambda tr: tr.global_step))(self.trainer)
         return DataLoader(IndexedBatches(self.make_batch, start, self.steps), batch_size=None, shuffle=False)

@@ -1,53 +1,70 @@
-"""TSCD as a LightningModule (Hyper-SD §3.1, Algorithm 1): one stage, k segments.
+"""TSCD as a LightningModule (Hyper-SD §3.1, Algorithm 1): one stage, k segments, any world.
 
 The UNet carries a peft LoRA: adapters on = student Theta, adapters off = frozen teacher, LoRA tensors
-swapped for their EMA = target Theta^-. Lightning owns devices, precision, checkpoints and logging.
+swapped for their EMA = target Theta^-. Where the stage has w_adv > 0, a discriminator on the frozen
+teacher's encoder features is trained in alternation (manual optimisation, one short method).
+Lightning owns devices, precision, sharding, checkpoints and logging.
 """
 from __future__ import annotations
 
-from typing import Callable
-
 import lightning as L
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..config import TSCD, Stage
-from ..diffusion.schedule import NoiseSchedule, add_noise
+from ..diffusion.schedule import NoiseSchedule, add_noise, renoise
 from ..diffusion.segments import ddim_grid, sample_times
 from ..diffusion.solvers import ddim_step, teacher_step
+from ..losses.adversarial import d_loss, g_loss
 from ..losses.consistency import tscd_loss
+from ..models.discriminator import FeatureDiscriminator, encoder_features
 from ..models.ema import EMA
 from ..models.lora import lora_params
 
 
+def unet_kwargs(cond) -> dict:
+    """Conditioning is a tensor (encoder_hidden_states) or a dict of UNet keyword arguments (SDXL)."""
+    return cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
+
+
 class TSCDModule(L.LightningModule):
     def __init__(self, unet, schedule: NoiseSchedule, stage: Stage, cfg: TSCD, seed: int = 0,
-                 adversarial: Callable[[Tensor, Tensor], Tensor] | None = None):
+                 encoder: nn.Module | None = None, disc: FeatureDiscriminator | None = None,
+                 stop_early: bool = True):
         super().__init__()
-        if stage.w_adv > 0 and adversarial is None:
-            raise ValueError(f"stage k={stage.k} has w_adv={stage.w_adv} but no discriminator is configured"
-                             " (the lab world has none: set w_adv: 0)")
+        if stage.w_adv > 0 and disc is None:
+            raise ValueError(f"stage k={stage.k} has w_adv={stage.w_adv} but no discriminator was given")
         self.unet, self.schedule, self.stage, self.cfg, self.seed = unet, schedule, stage, cfg, seed
-        self.adversarial = adversarial
+        self.encoder = encoder  # frozen VAE + text encoders (SD worlds); None when batches hold x0/cond
+        self.disc = disc if stage.w_adv > 0 else None
+        self.stop_early = stop_early  # FSDP needs every wrapped block to run: no early exit there
         self.ema = EMA(lora_params(unet))
         self.grid = ddim_grid(schedule.T, stage.grid_steps)  # CPU: times are drawn with a CPU generator
-        self.strict_loading = False  # checkpoints hold only the LoRA, its EMA and optimizer state
+        self.automatic_optimization = False
+        self.strict_loading = False  # checkpoints hold only the LoRA, its EMA, the discriminator, optimizers
+
+    @property
+    def steps_per_update(self) -> int:
+        """Lightning counts every optimizer's step in global_step: 2 per update when D is trained too."""
+        return 2 if self.disc is not None else 1
+
+    def batches_done(self, global_step: int) -> int:
+        return global_step // self.steps_per_update * self.cfg.accumulate
 
     # ---- the three eps functions: student, frozen teacher, EMA target ----
     def student_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
-        return self.unet(x, t, encoder_hidden_states=cond).sample
+        return self.unet(x, t, **unet_kwargs(cond)).sample
 
     def teacher_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
-        self.unet.disable_adapters()
-        try:
-            return self.unet(x, t, encoder_hidden_states=cond).sample
-        finally:
-            self.unet.enable_adapters()
+        with self.teacher():
+            return self.unet(x, t, **unet_kwargs(cond)).sample
 
     def ema_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
-        return functional_call(self.unet, self.ema.tensors(), (x, t), {"encoder_hidden_states": cond},
-                               strict=False).sample
+        return functional_call(self.unet, self.ema.tensors(), (x, t), unet_kwargs(cond), strict=False).sample
+
+    def teacher(self):
+        return _AdaptersOff(self.unet)
 
     def tscd_pair(self, batch: dict, g: torch.Generator) -> tuple[Tensor, Tensor, dict]:
         """(student prediction, target), both projected to t_end (Eq. 14), and the draws that made them.
@@ -69,26 +86,69 @@ class TSCDModule(L.LightningModule):
         pred = ddim_step(self.schedule, x_tn, self.student_eps(x_tn, t_n, cond), t_n, t_end)
         return pred, target, {"x_tn": x_tn, "t_n": t_n, "t_prev": t_prev, "t_end": t_end, "w": w}
 
+    def logits(self, x: Tensor, t: Tensor, cond) -> list[Tensor]:
+        """Discriminator logits of samples x at timesteps t, from the frozen teacher's encoder features."""
+        with self.teacher():
+            return self.disc(encoder_features(self.unet, x, t, unet_kwargs(cond), self.stop_early))
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         # Seeded by the batch's global index, so a resumed run draws exactly what the uninterrupted one did.
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(batch["index"]) + 7)
-        pred, target, _ = self.tscd_pair(batch, g)
-        s = self.stage
-        loss = tscd_loss(pred, target, s.w_mse, self.cfg.loss, self.cfg.huber_c, s.w_adv, self.adversarial)
+        if self.encoder is not None:
+            batch = self.encoder(batch, g)
+        pred, target, aux = self.tscd_pair(batch, g)
+        opts = self.optimizers()
+        opt_g, opt_d = (opts, None) if self.disc is None else opts
+        update = (int(batch["index"]) // self.trainer.world_size + 1) % self.cfg.accumulate == 0
+        s, cond = self.stage, batch["cond"]
+        if self.disc is not None:  # both samples re-noised to the same t' with the same noise
+            t_hi = torch.full_like(aux["t_end"], int(self.cfg.adv.renoise_max * (self.schedule.T - 1)))
+            u = torch.rand(pred.shape[0], generator=g).to(pred.device)
+            t_adv = aux["t_end"] + (u * (t_hi - aux["t_end"]).clamp(min=0)).long()
+            z = torch.randn(pred.shape, generator=g).to(pred)
+            noisy = lambda x: renoise(self.schedule, x, aux["t_end"], t_adv, z)  # noqa: E731
+            self.toggle_optimizer(opt_g)
+        adv = (lambda p, _: g_loss(self.logits(noisy(p), t_adv, cond), self.cfg.adv.loss)) if self.disc else None
+        loss = tscd_loss(pred, target, s.w_mse, self.cfg.loss, self.cfg.huber_c, s.w_adv, adv)
+        self.manual_backward(loss / self.cfg.accumulate)
+        if update:
+            self._step(opt_g)
+            self.ema.update(lora_params(self.unet), self.cfg.ema_decay)
         self.log(f"train/loss_k{s.k}", loss, prog_bar=True)
-        return loss
+        if "skipped" in batch:
+            self.log("data/skipped", float(batch["skipped"]))
+        if self.disc is not None:
+            self.untoggle_optimizer(opt_g)
+            self.toggle_optimizer(opt_d)
+            real_fake = torch.cat([noisy(target), noisy(pred.detach())])  # one batched forward
+            with torch.no_grad(), self.teacher():  # frozen features need no graph: only the heads learn
+                feats = encoder_features(self.unet, real_fake, torch.cat([t_adv, t_adv]),
+                                         unet_kwargs(_cat2(cond)), self.stop_early)
+            real, fake = zip(*(l.chunk(2) for l in self.disc(feats)))
+            ld = d_loss(list(real), list(fake), self.cfg.adv.loss)
+            self.manual_backward(ld / self.cfg.accumulate)
+            if update:
+                self._step(opt_d)
+            self.untoggle_optimizer(opt_d)
+            self.log(f"train/d_loss_k{s.k}", ld, prog_bar=True)
+        return loss.detach()
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        # EMA right after the step, before any callback (e.g. a checkpoint) sees the batch end.
-        super().optimizer_step(*args, **kwargs)
-        self.ema.update(lora_params(self.unet), self.cfg.ema_decay)
+    def _step(self, opt) -> None:
+        if self.cfg.grad_clip:
+            self.clip_gradients(opt, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(lora_params(self.unet).values(), lr=self.cfg.lr,
-                                 weight_decay=self.cfg.weight_decay)
+        opt_g = _adamw(self.cfg.optimizer)(lora_params(self.unet).values(), lr=self.cfg.lr,
+                                           weight_decay=self.cfg.weight_decay)
+        if self.disc is None:
+            return opt_g
+        return [opt_g, _adamw(self.cfg.optimizer)(self.disc.parameters(), lr=self.cfg.adv.lr, betas=(0.0, 0.99))]
 
     def _checkpoint_keys(self) -> set[str]:
-        return {f"unet.{n}" for n in lora_params(self.unet)} | {f"ema.{k}" for k in self.ema.state_dict()}
+        keys = {f"unet.{n}" for n in lora_params(self.unet)} | {f"ema.{k}" for k in self.ema.state_dict()}
+        return keys | ({f"disc.{k}" for k in self.disc.state_dict()} if self.disc is not None else set())
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         keep = self._checkpoint_keys()
@@ -97,4 +157,34 @@ class TSCDModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         missing = self._checkpoint_keys() - set(checkpoint["state_dict"])
         if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} LoRA/EMA tensors, e.g. {sorted(missing)[0]}")
+            raise KeyError(f"checkpoint lacks {len(missing)} LoRA/EMA/discriminator tensors, "
+                           f"e.g. {sorted(missing)[0]}")
+
+
+class _AdaptersOff:
+    """Context: the UNet runs as the frozen teacher (peft adapters disabled), restored on exit."""
+
+    def __init__(self, unet):
+        self.unet = unet
+
+    def __enter__(self):
+        self.unet.disable_adapters()
+
+    def __exit__(self, *exc):
+        self.unet.enable_adapters()
+
+
+def _cat2(cond):
+    if isinstance(cond, dict):
+        return {k: _cat2(v) for k, v in cond.items()}
+    return torch.cat([cond, cond])
+
+
+def _adamw(kind: str):
+    if kind == "adamw":
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ImportError("tscd.optimizer=adamw8bit needs bitsandbytes: pip install 'hsd[bnb]'") from e
+    return bnb.optim.AdamW8bit

@@ -1,0 +1,146 @@
+"""Image-caption samples from webdataset shards or a folder, as endless deterministic streams.
+
+A source turns (seed, rank, world size) into one rank's stream of samples, epoch after epoch, in an order
+fixed by the seed. Samples are decoded lazily (only the batches a worker builds are decoded) and a sample
+that cannot be read or decoded reports it instead of raising: the batcher skips and counts it.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from functools import cached_property, partial
+from itertools import count, islice
+from pathlib import Path
+from typing import Callable, Iterator
+
+import webdataset as wds
+from PIL import Image, ImageOps
+
+log = logging.getLogger("hsd.data")
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+
+
+def seeded(seed: int, *tags) -> random.Random:
+    """An RNG for one purpose, e.g. seeded(seed, "augment", uid). String seeds hash the same in every
+    process (unlike hash()), so DataLoader workers and resumed runs draw the same numbers."""
+    return random.Random(":".join(map(str, (seed, *tags))))
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """RGB image, upright as displayed (phone photos store their rotation in EXIF)."""
+    with Image.open(io.BytesIO(data)) as im:
+        return ImageOps.exif_transpose(im).convert("RGB")
+
+
+@dataclass(eq=False)
+class Sample:
+    key: str                              # where it came from, for the log
+    uid: int                              # unique position in the data stream: seeds its crop and flip
+    epoch: int                            # the pass over the data it belongs to
+    read: Callable[[], tuple[bytes, str]]  # -> (encoded image, caption)
+    error: Exception | None = None
+
+    @cached_property
+    def decoded(self) -> tuple[Image.Image, str] | None:
+        """(image, caption), or None when undecodable, with the reason in self.error. Cached: a sample
+        decoded to fill an earlier batch is not decoded again for its own."""
+        try:
+            data, caption = self.read()
+            return decode_image(data), caption
+        except Exception as err:  # a bad file can make PIL (or a disk, or json) raise almost anything
+            self.error = err
+            return None
+
+
+def _tar_pair(sample: dict) -> tuple[bytes, str]:
+    image = next((sample[ext] for ext in IMAGE_EXTS if ext in sample), None)
+    if image is None:
+        raise ValueError(f"no image under any of {', '.join(IMAGE_EXTS)}")
+    if "txt" in sample:
+        caption = sample["txt"].decode("utf-8", "replace")
+    else:
+        caption = json.loads(sample["json"]).get("caption", "") if "json" in sample else ""
+    return image, caption.strip()
+
+
+def _file_pair(image: str, caption: str | None) -> tuple[bytes, str]:
+    text = Path(caption).read_text(encoding="utf-8", errors="replace") if caption else ""
+    return Path(image).read_bytes(), text.strip()
+
+
+def _log_and_continue(exn: Exception) -> bool:
+    """webdataset handler for unreadable shards or tar members (warn_and_continue warns and sleeps)."""
+    log.warning("skipping unreadable shard data: %r", exn)
+    return True
+
+
+class ShardSource:
+    """Webdataset tar shards: paths, brace patterns and pipe: URLs, several joined by "::".
+
+    Each epoch shuffles the shard list with the seed and gives rank r the shards r, r + world, ... of it,
+    so ranks read disjoint shards; samples keep their order inside a shard."""
+
+    def __init__(self, urls: str):
+        self.urls = wds.shardlists.expand_urls(urls)
+
+    def samples(self, seed: int, rank: int, world: int, batch_size: int, start: int) -> Iterator[Sample]:
+        """The rank's stream from its window `start` on (a window is batch_size samples in a row)."""
+        if len(self.urls) < world:
+            raise ValueError(f"{len(self.urls)} shards cannot be split over {world} ranks")
+        # A tar stream cannot seek: reading past the consumed samples is cheap next to decoding them.
+        return islice(self._stream(seed, rank, world), start * batch_size, None)
+
+    def _stream(self, seed: int, rank: int, world: int) -> Iterator[Sample]:
+        pos = 0
+        for epoch in count():
+            shards = list(wds.SimpleShardList(self.urls, seed=f"{seed}:shards:{epoch}"))[rank::world]
+            first = pos
+            for s in wds.tarfile_samples(shards, handler=_log_and_continue):
+                yield Sample(f"{s['__url__']}:{s['__key__']}", pos * world + rank, epoch, partial(_tar_pair, s))
+                pos += 1
+            if pos == first:  # cycling would spin forever
+                raise RuntimeError(f"no samples could be read from {[s['url'] for s in shards]}")
+
+
+class FolderSource:
+    """Images (any of IMAGE_EXTS, searched recursively), each captioned by a same-stem .txt file; an
+    image without one trains with the empty caption (counted and logged once).
+
+    The data is one global stream (a seeded permutation of the images per epoch) cut into windows of
+    batch_size; rank r takes the windows r, r + world, ..., so the global window of batch b on rank r is
+    its index b * world + r."""
+
+    def __init__(self, root: str):
+        images, captions = [], set()
+        for folder, _, names in os.walk(root):
+            for name in names:
+                stem, ext = os.path.splitext(os.path.join(folder, name))
+                if ext.lower() == ".txt":
+                    captions.add(stem)
+                elif ext.lower()[1:] in IMAGE_EXTS:
+                    images.append((stem, ext))
+        if not images:
+            raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
+        self.pairs = [(stem + ext, stem + ".txt" if stem in captions else None) for stem, ext in sorted(images)]
+        missing = sum(caption is None for _, caption in self.pairs)
+        if missing:
+            log.warning("%d of %d images under %s have no .txt caption: they train with the empty caption",
+                        missing, len(self.pairs), root)
+
+    def samples(self, seed: int, rank: int, world: int, batch_size: int, start: int) -> Iterator[Sample]:
+        """The rank's stream from its window `start` on; random access, so nothing is read to get there."""
+        n, order_epoch, order = len(self.pairs), None, []
+        for b in count(start):
+            first = (b * world + rank) * batch_size
+            for pos in range(first, first + batch_size):
+                epoch, i = divmod(pos, n)
+                if epoch != order_epoch:
+                    order_epoch, order = epoch, list(range(n))
+                    seeded(seed, "order", epoch).shuffle(order)
+                image, caption = self.pairs[order[i]]
+                yield Sample(image, pos, epoch, partial(_file_pair, image, caption))

@@ -1,0 +1,73 @@
+"""Raw image-text batches -> (latents, UNet conditioning), as the SD1.5 / SDXL pipelines build them.
+
+Conditioning is a dict of UNet keyword arguments, so SD1.5 ({encoder_hidden_states}) and SDXL
+({encoder_hidden_states, added_cond_kwargs: {text_embeds, time_ids}}) go through the same solver code.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class TextConditioner(nn.Module):
+    """Frozen CLIP text encoder(s). SDXL: penultimate hidden states of both encoders concatenated, the
+    second encoder's projected pooled output, and the six size numbers (original, crop top-left, target)."""
+
+    def __init__(self, family: str, text_encoders: list, tokenizers: list):
+        super().__init__()
+        self.family, self.tokenizers = family, tokenizers
+        self.encoders = nn.ModuleList(text_encoders).requires_grad_(False).eval()
+
+    def _ids(self, tok, captions: list[str]) -> Tensor:
+        return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids.to(self.encoders[0].device)
+
+    @torch.no_grad()
+    def forward(self, captions: list[str], original_size: Tensor | None = None,
+                crop_top_left: Tensor | None = None, target_size: tuple[int, int] = (1024, 1024)) -> dict:
+        if self.family == "sd15":
+            return {"encoder_hidden_states": self.encoders[0](self._ids(self.tokenizers[0], captions))[0]}
+        hidden, pooled = [], None
+        for enc, tok in zip(self.encoders, self.tokenizers):
+            out = enc(self._ids(tok, captions), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out.text_embeds if hasattr(out, "text_embeds") else pooled
+        B = len(captions)
+        orig = torch.as_tensor(target_size).expand(B, 2) if original_size is None else original_size
+        crop = torch.zeros(B, 2, dtype=torch.long) if crop_top_left is None else crop_top_left
+        time_ids = torch.cat([orig, crop, torch.as_tensor(target_size).expand(B, 2)], 1).to(pooled)
+        return {"encoder_hidden_states": torch.cat(hidden, -1),
+                "added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+    def uncond(self, cond: dict) -> dict:
+        """SD1.5: the empty prompt's embedding. SDXL: zeros for text (force_zeros_for_empty_prompt, as the
+        SDXL pipeline and the LCM-LoRA SDXL script do), the same size numbers."""
+        B = cond["encoder_hidden_states"].shape[0]
+        if self.family == "sd15":
+            return self([""] * B)
+        add = cond["added_cond_kwargs"]
+        return {"encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
+                "added_cond_kwargs": {"text_embeds": torch.zeros_like(add["text_embeds"]),
+                                      "time_ids": add["time_ids"]}}
+
+
+class LatentEncoder(nn.Module):
+    """{pixels in [-1, 1] | latents, captions, sizes} -> {x0 latents, cond, uncond}; everything frozen."""
+
+    def __init__(self, vae, text: TextConditioner, resolution: int, vae_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.vae = vae.requires_grad_(False).eval().to(vae_dtype)
+        self.text, self.resolution = text, resolution
+
+    @torch.no_grad()
+    def forward(self, batch: dict, g: torch.Generator) -> dict:
+        if "latents" in batch:  # precomputed offline
+            x0 = batch["latents"]
+        else:
+            # The VAE runs outside autocast in its own dtype: SDXL's VAE overflows in fp16/bf16 (force_upcast).
+            with torch.autocast(batch["pixels"].device.type, enabled=False):
+                dist = self.vae.encode(batch["pixels"].to(self.vae.dtype)).latent_dist
+                x0 = dist.sample(generator=g) * self.vae.config.scaling_factor
+        cond = self.text(batch["captions"], batch.get("original_size"), batch.get("crop_top_left"),
+                         (self.resolution, self.resolution))
+        return {**batch, "x0": x0.float(), "cond": cond, "uncond": self.text.uncond(cond)}

@@ -1,0 +1,155 @@
+"""The worlds a run trains in, built by name: the lab (exact metrics) and SD1.5 / SDXL (user weights).
+
+Each world supplies the UNet to distil, its noise schedule, an optional frozen encoder (VAE + text), a data
+module per stage, stage-end callbacks and the final report; `hsd.train.run` drives any of them the same way.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torchvision.utils import make_grid
+
+from .config import ConfigError, Run
+from .diffusion.schedule import NoiseSchedule
+from .lab.evaluate import LabEvaluator, save_grid, write_table
+from .lab.teacher import DEFAULT_TEACHER, load_teacher
+from .lab.world import LabWorld
+from .lit.data import LabData
+
+
+def _log_image(trainer, tag: str, grid: torch.Tensor) -> None:
+    experiment = getattr(trainer.logger, "experiment", None)
+    if hasattr(experiment, "add_image"):
+        experiment.add_image(tag, grid, trainer.global_step)
+
+
+class LabSamples(L.Callback):
+    """At the end of a stage, log k-step student samples from fixed noise to TensorBoard."""
+
+    def __init__(self, evaluator: LabEvaluator, steps: int):
+        self.evaluator, self.steps = evaluator, steps
+
+    def on_train_end(self, trainer, module):
+        _, x = self.evaluator.row("student", module.unet, self.steps, "ddim")
+        grid = make_grid(x[:: max(1, x.shape[0] // 32)][:32].clamp(-1, 1) * 0.5 + 0.5, nrow=8)
+        _log_image(trainer, f"samples/k{module.stage.k}_{self.steps}step", grid)
+
+
+class Lab:
+    """The analytic world: exact data, the shipped teacher, exact metrics in the final table."""
+
+    def __init__(self, cfg: Run):
+        self.cfg = cfg
+        teacher = load_teacher(cfg.lab.teacher or DEFAULT_TEACHER)
+        self.world = LabWorld(size=teacher.unet.config.sample_size)
+        self.unet, self.encoder = teacher.unet, None
+        self.schedule = NoiseSchedule.from_scheduler(teacher.scheduler)
+        self.emb = teacher.encode(self.world.prompts + [""])
+        self.evaluator = LabEvaluator(self.world, teacher, cfg.lab)
+
+    def data(self, steps: int, seed: int, start_fn) -> L.LightningDataModule:
+        t = self.cfg.tscd
+        return LabData(self.world, self.emb[:-1], self.emb[-1:], t.batch_size, steps * t.accumulate, seed, start_fn)
+
+    def callbacks(self, k: int) -> list[L.Callback]:
+        return [LabSamples(self.evaluator, k)]
+
+    def report(self, loras: list[tuple[int, Path]], out: Path) -> str:
+        return lab_table(self.cfg, self.evaluator, self.unet, loras, out)
+
+
+def lab_table(cfg: Run, ev: LabEvaluator, unet, loras: list[tuple[int, Path]], out: Path) -> str:
+    from .models.lora import load_lora
+    rows, samples = [], []
+
+    def add(result):
+        rows.append(result[0])
+        samples.append(result[1])
+
+    unet.disable_adapters()
+    add(ev.row("Teacher", unet, cfg.lab.teacher_steps, "ddim", guided=True))
+    for n in cfg.lab.student_steps:
+        add(ev.row("Teacher", unet, n, "ddim", guided=True))
+    unet.enable_adapters()
+    for k, path in loras:
+        load_lora(unet, path)
+        add(ev.row(f"TSCD stage k={k}", unet, k, "ddim"))
+    if loras and loras[-1][0] == 1:
+        for n in cfg.lab.student_steps:
+            add(ev.row("TSCD final (k=1)", unet, n, "tcd"))
+    md = write_table(rows, out, f"{cfg.name}: lab world, exact metrics ({len(ev.labels)} samples, "
+                                f"reference ODE at CFG {cfg.lab.eval_guidance:g})")
+    save_grid(samples, out / "samples.png")
+    return md
+
+
+class SDSamples(L.Callback):
+    """At the end of a stage, log k-step DDIM-trailing student images (diffusers pipeline) for a few captions."""
+
+    def __init__(self, components, captions: list[str], steps: int, resolution: int):
+        self.components, self.captions, self.steps, self.res = components, captions, steps, resolution
+
+    def on_train_end(self, trainer, module):
+        if trainer.global_rank != 0 or not self.captions:
+            return
+        from diffusers import DDIMScheduler
+        from .models.components import pipeline
+        pipe = pipeline(self.components)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            x = pipe(self.captions, num_inference_steps=self.steps, guidance_scale=0.0, height=self.res,
+                     width=self.res, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+        _log_image(trainer, f"samples/k{module.stage.k}_{self.steps}step", make_grid(x.float().cpu(), nrow=4))
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class SD:
+    """SD1.5 / SDXL from the user's local weights; image-text pairs from shards or a folder."""
+
+    def __init__(self, cfg: Run):
+        from .models.components import check_family, load_components
+        from .models.conditioning import LatentEncoder, TextConditioner
+        self.cfg, m = cfg, cfg.model
+        for key in ("vae_dtype", "frozen_dtype"):
+            if getattr(m, key) not in DTYPES:
+                raise ConfigError(f"model.{key} must be one of {', '.join(DTYPES)}, got {getattr(m, key)!r}")
+        self.components = c = load_components(m.path, m.vae, m.config)
+        check_family(c, cfg.world, m.path)
+        frozen = DTYPES[m.frozen_dtype]
+        self.unet = c.unet.to(frozen)
+        for enc in c.text_encoders:
+            enc.to(frozen)
+        if m.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.schedule = NoiseSchedule.from_scheduler(c.scheduler)
+        text = TextConditioner(c.family, c.text_encoders, c.tokenizers)
+        self.encoder = LatentEncoder(c.vae, text, m.resolution, DTYPES[m.vae_dtype])
+
+    def data(self, steps: int, seed: int, start_fn) -> L.LightningDataModule:
+        from .data import ImageTextData
+        d, t = self.cfg.data, self.cfg.tscd
+        return ImageTextData(shards=d.shards, folder=d.folder, resolution=self.cfg.model.resolution,
+                             batch_size=t.batch_size, steps=steps * t.accumulate, seed=seed, crop=d.crop,
+                             flip=d.flip, num_workers=d.num_workers, start_fn=start_fn)
+
+    def callbacks(self, k: int) -> list[L.Callback]:
+        return [SDSamples(self.components, self.cfg.data.sample_prompts, k, self.cfg.model.resolution)]
+
+    def report(self, loras: list[tuple[int, Path]], out: Path) -> str:
+        lines = [f"# {self.cfg.name}: {self.cfg.world} TSCD LoRAs", "",
+                 "| Stage k | diffusers LoRA | kohya LoRA | sample with |", "|---|---|---|---|"]
+        for k, path in loras:
+            kohya = path.with_suffix(".kohya.safetensors")
+            lines.append(f"| {k} | {path} | {kohya} | hsd generate --model {self.cfg.model.path} "
+                         f"--lora {kohya} --scheduler ddim --steps {k} |")
+        md = "\n".join(lines) + "\n"
+        (out / "loras.md").write_text(md)
+        return md
+
+
+WORLDS = {"lab": Lab, "sd15": SD, "sdxl": SD}
