@@ -1,4 +1,4 @@
-"""`hsd`: the one entry point. train | lab | lab-teacher | ablate."""
+"""`hsd`: the one entry point. train | generate | lora | lab | lab-teacher | ablate | random-model."""
 from __future__ import annotations
 
 import argparse
@@ -38,6 +38,12 @@ def cmd_ablate(args) -> None:
     print(ablate(paths, args.seeds, overrides, Path(args.out)))
 
 
+def cmd_random_model(args) -> None:
+    from .models.components import build_components
+    path = build_components(args.arch, seed=args.seed).save_pretrained(args.out)
+    print(f"saved random-weight {args.arch} components to {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="hsd", description="Hyper-SD training (TSCD, feedback, DMD) and the lab")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -58,12 +64,24 @@ def main(argv: list[str] | None = None) -> None:
     ab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ab.add_argument("--out", default="runs/ablation")
     ab.set_defaults(fn=cmd_ablate)
+    from .models.components import ARCHS
+    rm = sub.add_parser("random-model", help="save random-weight components of an architecture (tests, benchmarks)")
+    rm.add_argument("arch", choices=list(ARCHS))
+    rm.add_argument("out")
+    rm.add_argument("--seed", type=int, default=0)
+    rm.set_defaults(fn=cmd_random_model)
+    from .lora_cli import add_lora_commands
+    from .pipelines.generate import add_generate_command
+    add_generate_command(sub)
+    add_lora_commands(sub)
     args = p.parse_args(argv)
     from .config import ConfigError
     from .lab.teacher import MissingTeacherError
+    from .models.components import ModelError
+    from .models.lora import LoraFormatError
     try:
         args.fn(args)
-    except (ConfigError, MissingTeacherError) as e:
+    except (ConfigError, MissingTeacherError, ModelError, LoraFormatError, FileNotFoundError) as e:
         sys.exit(f"hsd: error: {e}")
 
 

@@ -29,23 +29,34 @@ def stage_lora_path(out: Path, i: int, k: int) -> Path:
     return out / f"lora_stage{i}_k{k}.safetensors"
 
 
-def make_strategy(cfg: Run):
-    """FSDP: shard on UNet blocks, keep original parameters for peft, sharded checkpoints (all ranks write)."""
+def make_strategy(cfg: Run, trained: list[torch.nn.Parameter] = ()):
+    """DDP, or FSDP sharding the frozen UNet on its blocks (ZeRO-3 for what is big).
+
+    The trained tensors (LoRA, discriminator) are few and small: FSDP ignores them, so they stay whole on
+    every rank like under DDP, the EMA and its functional_call target work unchanged, and TSCDModule
+    all-reduces their gradients itself (`sync_grads`).
+    """
+    if cfg.trainer.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+        # G and D are two backward passes of one forward, each leaving the other's parameters unused.
+        return DDPStrategy(find_unused_parameters=True)
     if cfg.trainer.strategy != "fsdp":
         return cfg.trainer.strategy
     from diffusers.models.unets import unet_2d_blocks as blocks
     from lightning.pytorch.strategies import FSDPStrategy
     wrap = {getattr(blocks, n) for n in ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
                                            "CrossAttnUpBlock2D", "UpBlock2D")}
-    return FSDPStrategy(auto_wrap_policy=wrap, use_orig_params=True, state_dict_type="sharded")
+    return FSDPStrategy(auto_wrap_policy=wrap, use_orig_params=True, state_dict_type="sharded",
+                        ignored_states=list(trained))
 
 
-def make_trainer(cfg: Run, sdir: Path, max_steps: int, ckpt_every: int, callbacks=()) -> L.Trainer:
+def make_trainer(cfg: Run, sdir: Path, max_steps: int, ckpt_every: int, callbacks=(),
+                 trained: list[torch.nn.Parameter] = ()) -> L.Trainer:
     t = cfg.trainer
     plugins = [] if t.strategy == "fsdp" else [AtomicCheckpointIO()]
     return L.Trainer(
         max_steps=max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=make_strategy(cfg), precision=t.precision,
+        strategy=make_strategy(cfg, trained), precision=t.precision,
         logger=TensorBoardLogger(sdir.parent, name="tensorboard", version=sdir.name),
         callbacks=[ModelCheckpoint(dirpath=sdir / "checkpoints", save_last=True, save_top_k=0,
                                    every_n_train_steps=ckpt_every), *callbacks],
@@ -84,10 +95,12 @@ def run(cfg: Run) -> str:
             L.seed_everything(cfg.seed + i, verbose=False)
             sdir = out / f"stage{i}_k{stage.k}"
             module = TSCDModule(unet, world.schedule, stage, cfg.tscd, seed=cfg.seed * 100 + i,
-                                encoder=world.encoder, disc=disc, stop_early=cfg.trainer.strategy != "fsdp")
+                                encoder=world.encoder, disc=disc, fsdp=cfg.trainer.strategy == "fsdp")
             n = module.steps_per_update
-            data = world.data(steps, cfg.seed * 100 + i, lambda tr, m=module: m.batches_done(tr.global_step))
-            trainer = make_trainer(cfg, sdir, steps * n, cfg.trainer.ckpt_every * n, world.callbacks(stage.k))
+            data = world.data(steps, cfg.seed * 100 + i, lambda tr, m=module: m.batches_done(tr.global_step) if tr else 0)
+            trained = list(lora_io.lora_params(unet).values()) + (list(disc.parameters()) if disc else [])
+            trainer = make_trainer(cfg, sdir, steps * n, cfg.trainer.ckpt_every * n, world.callbacks(stage.k),
+                                   trained)
             trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(sdir))
             meta = {"k": str(stage.k), "rank": str(cfg.lora.rank), "alpha": str(cfg.lora.alpha),
                     "world": cfg.world}

@@ -86,7 +86,7 @@ def test_resume_reproduces_uninterrupted_losses(world, tmp_path):
         teacher = load_teacher()
         from hsd.models.lora import attach_lora
         from hsd.diffusion.schedule import NoiseSchedule
-        cfg = load_config([], ["tscd.stages=[{k: 2, grid_steps: 16, iterations: 6}]", "tscd.batch_size=8",
+        cfg = load_config([], ["tscd.stages=[{k: 2, grid_steps: 16, iterations: 7}]", "tscd.batch_size=8",
                                "trainer.ckpt_every=3", "trainer.progress_bar=false"])
         L.seed_everything(0, verbose=False)  # LoRA A is drawn at random: seed before attaching
         attach_lora(teacher.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
@@ -94,18 +94,19 @@ def test_resume_reproduces_uninterrupted_losses(world, tmp_path):
         module = TSCDModule(teacher.unet, NoiseSchedule.from_scheduler(teacher.scheduler),
                             cfg.tscd.stages[0], cfg.tscd, seed=5)
         trainer = make_trainer(cfg, out / "stage0_k2", max_steps, 3, [rec])
-        trainer.fit(module, datamodule=LabData(world, emb[:-1], emb[-1:], 8, 6, seed=5), ckpt_path=ckpt)
+        trainer.fit(module, datamodule=LabData(world, emb[:-1], emb[-1:], 8, 7, seed=5), ckpt_path=ckpt)
         return module
 
-    full = _losses(lambda rec: run(tmp_path / "a", 6, rec=rec))
+    # 3 done of 7: the remaining 4 differ from the 3 done, so an epoch cut short or replayed would show.
+    full = _losses(lambda rec: run(tmp_path / "a", 7, rec=rec))
     first = _losses(lambda rec: run(tmp_path / "b", 3, rec=rec))
     ckpt = tmp_path / "b" / "stage0_k2" / "checkpoints" / "last.ckpt"
     assert ckpt.exists() and sorted(first) == [0, 1, 2]
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert all("lora_" in k or k.startswith("ema.") for k in state)  # no frozen teacher weights
-    rest = _losses(lambda rec: run(tmp_path / "b", 6, ckpt=ckpt, rec=rec))
-    assert sorted(rest) == [3, 4, 5]
-    for i in range(6):
+    rest = _losses(lambda rec: run(tmp_path / "b", 7, ckpt=ckpt, rec=rec))
+    assert sorted(rest) == [3, 4, 5, 6]
+    for i in range(7):
         assert (first | rest)[i] == pytest.approx(full[i], rel=1e-6, abs=1e-9), i
 
 

@@ -94,9 +94,6 @@ class ImageTextBatches(IterableDataset):
         self.source, self.prep, self.batch_size = source, prep, batch_size
         self.start, self.stop, self.seed, self.rank, self.world = start, stop, seed, rank, world
 
-    def __len__(self) -> int:
-        return max(self.stop - self.start, 0)
-
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -119,9 +116,14 @@ class ImageTextBatches(IterableDataset):
                 "index": b * self.world + self.rank, "skipped": len(bad)}
 
 
-class _RunningSkipCount(DataLoader):
-    """Turns each batch's skipped count into the running total since the loader started; summed here in
-    the main process, since each worker only sees the batches it builds."""
+class _EpochLoader(DataLoader):
+    """The loader Lightning sees: an epoch is all `stop` batches, of which a resumed run yields the rest.
+    Lightning restores how many of the epoch's batches were done and ends the epoch at len(loader); were
+    the length only the remaining batches, it would end early and start over. Each batch's skipped count
+    becomes the running total, summed here in the main process since a worker only sees its own batches."""
+
+    def __len__(self) -> int:
+        return self.dataset.stop
 
     def __iter__(self) -> Iterator[dict]:
         total = 0
@@ -156,4 +158,4 @@ class ImageTextData(L.LightningDataModule):
         rank, world = (t.global_rank, t.world_size) if t else (0, 1)
         batches = ImageTextBatches(self.source, self.prep, self.batch_size, start, self.steps, self.seed,
                                    rank, world)
-        return _RunningSkipCount(batches, batch_size=None, num_workers=self.num_workers)
+        return _EpochLoader(batches, batch_size=None, num_workers=self.num_workers)

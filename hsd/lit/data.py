@@ -23,6 +23,18 @@ class IndexedBatches(Dataset):
         return {**self.make_batch(self.start + i), "index": self.start + i}
 
 
+class EpochLoader(DataLoader):
+    """Reports the whole epoch's length while a resumed run yields only the remaining batches: Lightning
+    restores how many batches of the epoch were done and ends the epoch at len(loader), so a length of only
+    the remaining batches would end it early and start the loader over (repeating batches)."""
+
+    def __init__(self, dataset: IndexedBatches, **kwargs):
+        super().__init__(dataset, batch_size=None, shuffle=False, **kwargs)
+
+    def __len__(self) -> int:
+        return self.dataset.stop
+
+
 class LabData(L.LightningDataModule):
     """Lab samples: class labels, clean x0 from the exact mixture, prompt embeddings (cond and uncond)."""
 
@@ -42,4 +54,4 @@ class LabData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Called after a checkpoint is restored: start at the first batch not yet trained on.
         start = 0 if self.trainer is None else (self.start_fn or (lambda tr: tr.global_step))(self.trainer)
-        return DataLoader(IndexedBatches(self.make_batch, start, self.steps), batch_size=None, shuffle=False)
+        return EpochLoader(IndexedBatches(self.make_batch, start, self.steps))

@@ -31,14 +31,16 @@ def unet_kwargs(cond) -> dict:
 class TSCDModule(L.LightningModule):
     def __init__(self, unet, schedule: NoiseSchedule, stage: Stage, cfg: TSCD, seed: int = 0,
                  encoder: nn.Module | None = None, disc: FeatureDiscriminator | None = None,
-                 stop_early: bool = True):
+                 fsdp: bool = False):
         super().__init__()
         if stage.w_adv > 0 and disc is None:
             raise ValueError(f"stage k={stage.k} has w_adv={stage.w_adv} but no discriminator was given")
         self.unet, self.schedule, self.stage, self.cfg, self.seed = unet, schedule, stage, cfg, seed
         self.encoder = encoder  # frozen VAE + text encoders (SD worlds); None when batches hold x0/cond
         self.disc = disc if stage.w_adv > 0 else None
-        self.stop_early = stop_early  # FSDP needs every wrapped block to run: no early exit there
+        # Under FSDP every wrapped block must run (no early exit from the UNet), and the trained tensors,
+        # which FSDP ignores (see hsd.train.make_strategy), have their gradients averaged here.
+        self.fsdp = fsdp
         self.ema = EMA(lora_params(unet))
         self.grid = ddim_grid(schedule.T, stage.grid_steps)  # CPU: times are drawn with a CPU generator
         self.automatic_optimization = False
@@ -89,7 +91,7 @@ class TSCDModule(L.LightningModule):
     def logits(self, x: Tensor, t: Tensor, cond) -> list[Tensor]:
         """Discriminator logits of samples x at timesteps t, from the frozen teacher's encoder features."""
         with self.teacher():
-            return self.disc(encoder_features(self.unet, x, t, unet_kwargs(cond), self.stop_early))
+            return self.disc(encoder_features(self.unet, x, t, unet_kwargs(cond), not self.fsdp))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         # Seeded by the batch's global index, so a resumed run draws exactly what the uninterrupted one did.
@@ -123,7 +125,7 @@ class TSCDModule(L.LightningModule):
             real_fake = torch.cat([noisy(target), noisy(pred.detach())])  # one batched forward
             with torch.no_grad(), self.teacher():  # frozen features need no graph: only the heads learn
                 feats = encoder_features(self.unet, real_fake, torch.cat([t_adv, t_adv]),
-                                         unet_kwargs(_cat2(cond)), self.stop_early)
+                                         unet_kwargs(_cat2(cond)), not self.fsdp)
             real, fake = zip(*(l.chunk(2) for l in self.disc(feats)))
             ld = d_loss(list(real), list(fake), self.cfg.adv.loss)
             self.manual_backward(ld / self.cfg.accumulate)
@@ -134,6 +136,12 @@ class TSCDModule(L.LightningModule):
         return loss.detach()
 
     def _step(self, opt) -> None:
+        if self.fsdp and self.trainer.world_size > 1:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= self.trainer.world_size
         if self.cfg.grad_clip:
             self.clip_gradients(opt, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
         opt.step()

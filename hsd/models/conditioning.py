@@ -43,8 +43,10 @@ class TextConditioner(nn.Module):
         """SD1.5: the empty prompt's embedding. SDXL: zeros for text (force_zeros_for_empty_prompt, as the
         SDXL pipeline and the LCM-LoRA SDXL script do), the same size numbers."""
         B = cond["encoder_hidden_states"].shape[0]
-        if self.family == "sd15":
-            return self([""] * B)
+        if self.family == "sd15":  # constant: encoded once, then broadcast
+            if getattr(self, "_empty", None) is None or self._empty.device != cond["encoder_hidden_states"].device:
+                self._empty = self([""])["encoder_hidden_states"]
+            return {"encoder_hidden_states": self._empty.expand(B, -1, -1)}
         add = cond["added_cond_kwargs"]
         return {"encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
                 "added_cond_kwargs": {"text_embeds": torch.zeros_like(add["text_embeds"]),

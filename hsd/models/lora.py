@@ -1,4 +1,4 @@
-"""peft LoRA on a diffusers UNet: attach, and save/load as safetensors in diffusers' key layout."""
+"""peft LoRA on a diffusers UNet: attach, save/load (diffusers or kohya layout), start from a released LoRA, fuse."""
 from __future__ import annotations
 
 import os
@@ -6,20 +6,17 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from peft.tuners.lora import LoraLayer
 
-from ..io import atomic_path
+from .lora_formats import (PREFIX, LoraFile, LoraFormatError, LoraModule, peft_config_kwargs, read_lora,
+                           write_lora)
+
+__all__ = ["DEFAULT_TARGETS", "PREFIX", "LoraFormatError", "attach_lora", "lora_params", "save_lora", "load_lora",
+           "load_lora_adapter", "unet_lora", "fuse_loras"]
 
 # Every linear/conv of SD's attention, feed-forward and resnet blocks, as PCM and LCM-LoRA train them.
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                    "conv1", "conv2"]
-PREFIX = "unet."
-
-
-class LoraFormatError(ValueError):
-    pass
 
 
 def attach_lora(unet, rank: int, alpha: float, targets: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -34,27 +31,98 @@ def lora_params(unet) -> dict[str, torch.Tensor]:
     return {n: p for n, p in unet.named_parameters() if "lora_" in n}
 
 
-def save_lora(path: str | os.PathLike, unet, metadata: dict[str, str] | None = None) -> Path:
-    """diffusers layout ("unet.<module>.lora_A.weight"), written to a temp file and renamed into place."""
-    state = {PREFIX + k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}
-    with atomic_path(path) as tmp:
-        save_file(state, tmp, metadata={"format": "diffusers-lora", **(metadata or {})})
-    return Path(path)
+def unet_lora(unet, adapter: str = "default") -> dict[str, LoraModule]:
+    """The adapter's factors and configured alpha per module (set_adapters weights are not part of a LoRA)."""
+    return {name: LoraModule(layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach(),
+                             float(layer.lora_alpha[adapter]))
+            for name, layer in _lora_layers(unet, adapter).items()}
 
 
-def load_lora(unet, path: str | os.PathLike) -> None:
-    """Load a file saved by save_lora into the UNet's attached adapter (same rank and targets)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"LoRA file not found: {path}")
-    try:
-        state = load_file(path)
-    except SafetensorError as e:
-        raise LoraFormatError(f"{path} is not a readable safetensors file ({e})") from e
-    bad = [k for k in state if not (k.startswith(PREFIX) and (".lora_A." in k or ".lora_B." in k))]
-    if bad:
-        raise LoraFormatError(f"{path}: key {bad[0]!r} is not in the expected layout "
-                              f"'unet.<module>.lora_A.weight' / 'unet.<module>.lora_B.weight' (diffusers)")
-    result = set_peft_model_state_dict(unet, {k[len(PREFIX):]: v for k, v in state.items()})
-    if result.unexpected_keys:
-        raise LoraFormatError(f"{path}: keys {result.unexpected_keys[:3]} match no LoRA module of this UNet")
+def save_lora(path: str | os.PathLike, unet, metadata: dict[str, str] | None = None, fmt: str = "diffusers",
+              adapter: str = "default") -> Path:
+    """Write the adapter as safetensors in the diffusers ("unet.<module>.lora_A.weight") or kohya layout."""
+    return write_lora(path, unet_lora(unet, adapter), fmt, metadata)
+
+
+def load_lora(unet, path: str | os.PathLike, adapter: str = "default") -> None:
+    """Load a LoRA file of either layout into the UNet's attached adapter of the same rank."""
+    _load_into(unet, read_lora(path, unet.config), adapter)
+
+
+def load_lora_adapter(unet, path: str | os.PathLike, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """Add a new trainable adapter shaped like the file (ranks, alphas, target modules) holding its weights, e.g. to
+    train on from a released Hyper-SD LoRA. The base UNet is frozen; returns the adapter's LoRA parameters."""
+    lora = read_lora(path, unet.config)
+    _base_layers(unet, lora)  # fail on unknown modules before touching the UNet
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(**peft_config_kwargs(lora.modules)), adapter_name=adapter_name)
+    _load_into(unet, lora, adapter_name)
+    params = {n: p for n, p in lora_params(unet).items() if f".{adapter_name}." in n}
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
+
+
+def fuse_loras(unet, paths: list[str | os.PathLike], weights: list[float]) -> None:
+    """Add sum_i w_i * scale_i * B_i A_i into the base weights, so the plain UNet can be save_pretrained."""
+    if len(paths) != len(weights):
+        raise ValueError(f"{len(paths)} LoRA files but {len(weights)} weights")
+    loras = [read_lora(p, unet.config) for p in paths]
+    targets = [_base_layers(unet, lora) for lora in loras]  # all checked before any weight changes
+    with torch.no_grad():
+        for lora, layers, w in zip(loras, targets, weights):
+            for name, m in lora.modules.items():
+                weight = layers[name].weight
+                weight += _fit(lora.path, name, m.delta() * w, weight).to(weight.dtype)
+
+
+def _lora_layers(unet, adapter: str) -> dict[str, LoraLayer]:
+    return {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+
+
+def _load_into(unet, lora: LoraFile, adapter: str) -> None:
+    layers = _lora_layers(unet, adapter)
+    if not layers:
+        raise LoraFormatError(f"the UNet has no LoRA adapter {adapter!r} to load {lora.path} into")
+    _require_known(lora, set(layers), f"LoRA layer of adapter {adapter!r}")
+    updates = []  # all checked before any is written, so a bad file leaves the adapter as it was
+    for name, layer in layers.items():
+        a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+        m = lora.modules.get(name)
+        if m is None:  # a module the file leaves out must not keep stale weights
+            updates.append((b, torch.zeros_like(b)))
+            continue
+        if m.rank != layer.r[adapter]:
+            raise LoraFormatError(f"{lora.path} has rank {m.rank} (module {name}) but the UNet's adapter "
+                                  f"{adapter!r} has rank {layer.r[adapter]}")
+        # fold the file's scale into B so the adapter, at its own alpha, applies exactly the file's delta
+        ratio = m.scale / (layer.lora_alpha[adapter] / layer.r[adapter])
+        updates += [(a, _fit(lora.path, name, m.down, a)), (b, _fit(lora.path, name, m.up * ratio, b))]
+    with torch.no_grad():
+        for param, value in updates:
+            param.copy_(value)
+
+
+def _base_layers(unet, lora: LoraFile) -> dict[str, torch.nn.Module]:
+    """The plain Linear/Conv2d each LoRA module targets (under any peft wrapper)."""
+    modules = dict(unet.named_modules())
+    layers = {n: modules[n].get_base_layer() if isinstance(modules.get(n), LoraLayer) else modules.get(n)
+              for n in lora.modules}
+    _require_known(lora, {n for n, m in layers.items() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))},
+                   "Linear/Conv2d module")
+    return layers
+
+
+def _require_known(lora: LoraFile, known: set[str], what: str) -> None:
+    unknown = [n for n in lora.modules if n not in known]
+    if unknown:
+        raise LoraFormatError(f"{lora.path}: {len(unknown)} of its {len(lora.modules)} modules match no {what} of "
+                              f"this UNet, e.g. {', '.join(unknown[:3])}")
+
+
+def _fit(path: Path, name: str, value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`value` in the shape of `like` (a 1x1 conv may come as a matrix); a size mismatch is a different model."""
+    if value.numel() != like.numel():
+        raise LoraFormatError(f"{path}: module {name} has shape {tuple(value.shape)} but this UNet needs "
+                              f"{tuple(like.shape)}; the LoRA is for a different model")
+    return value.reshape(like.shape)

@@ -1,0 +1,73 @@
+"""`hsd lora merge|convert|info`: LoRA files for the tools people use (diffusers, ComfyUI, A1111, kohya)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .models.lora_formats import FORMATS, convert_lora, lora_summary, merge_loras
+
+
+def add_lora_commands(subparsers) -> None:
+    lora = subparsers.add_parser("lora", help="merge, convert or inspect LoRA files (diffusers or kohya layout)")
+    sub = lora.add_subparsers(dest="lora_command", required=True)
+
+    merge = sub.add_parser("merge", help="combine LoRAs at weights into one exact LoRA file, or fuse them into a UNet")
+    merge.add_argument("inputs", nargs="+", type=file_weight, metavar="FILE:WEIGHT",
+                       help="LoRA file and its weight (default 1), e.g. Hyper-SD15-8steps-lora.safetensors:0.8")
+    merge.add_argument("--out", required=True, type=Path, help="LoRA file, or with --unet the fused UNet folder")
+    merge.add_argument("--format", choices=FORMATS, default="kohya", help="layout of the merged LoRA file (no --unet)")
+    merge.add_argument("--unet", type=Path, metavar="MODEL_DIR",
+                       help="diffusers UNet folder (or pipeline folder with unet/) to fuse the LoRAs into")
+    merge.set_defaults(fn=run_merge)
+
+    convert = sub.add_parser("convert", help="rewrite a LoRA file in another layout")
+    convert.add_argument("input", type=Path)
+    convert.add_argument("--out", required=True, type=Path)
+    convert.add_argument("--format", choices=FORMATS, required=True)
+    convert.set_defaults(fn=lambda args: print(convert_lora(args.input, args.out, args.format)))
+
+    info = sub.add_parser("info", help="print a LoRA file's layout, ranks, alphas, module count and metadata")
+    info.add_argument("file", type=Path)
+    info.set_defaults(fn=lambda args: print(format_summary(lora_summary(args.file))))
+
+
+def file_weight(text: str) -> tuple[Path, float]:
+    """Parse "a.safetensors:0.5"; without a numeric ":WEIGHT" suffix the weight is 1 (so "C:\\x.safetensors" works)."""
+    path, sep, weight = text.rpartition(":")
+    try:
+        return (Path(path), float(weight)) if sep else (Path(text), 1.0)
+    except ValueError:
+        return Path(text), 1.0
+
+
+def run_merge(args) -> None:
+    paths, weights = [p for p, _ in args.inputs], [w for _, w in args.inputs]
+    if args.unet is None:
+        print(merge_loras(paths, weights, args.out, args.format))
+        return
+    from .models.lora import fuse_loras  # torch/diffusers model code only for fusing
+
+    unet = load_unet(args.unet)
+    fuse_loras(unet, paths, weights)
+    unet.save_pretrained(args.out)
+    print(args.out)
+
+
+def load_unet(model_dir: Path):
+    from diffusers import UNet2DConditionModel
+
+    for folder, subfolder in ((model_dir / "unet", "unet"), (model_dir, None)):
+        if (folder / "config.json").is_file():
+            return UNet2DConditionModel.from_pretrained(model_dir, subfolder=subfolder)
+    raise FileNotFoundError(f"{model_dir} is neither a diffusers UNet folder (config.json) nor a pipeline folder "
+                            f"(unet/config.json)")
+
+
+def format_summary(summary: dict, width: int = 200) -> str:
+    """Readable lines; long metadata values (diffusers' LoraConfig JSON lists every module) are cut at `width`."""
+    meta = {k: v if len(v) <= width else f"{v[:width]}... ({len(v)} chars)" for k, v in summary["metadata"].items()}
+    rows = [("file", summary["file"]), ("format", summary["format"]), ("modules", summary["modules"]),
+            ("rank", ", ".join(map(str, summary["ranks"]))), ("alpha", ", ".join(f"{a:g}" for a in summary["alphas"])),
+            ("metadata", json.dumps(meta, indent=2, sort_keys=True))]
+    return "\n".join(f"{k}: {v}" for k, v in rows)

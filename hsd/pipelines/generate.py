@@ -1,0 +1,233 @@
+"""`hsd generate`: images from a Hyper-SD model with its release recipes, on stock diffusers pipelines.
+
+The recipes are the Hyper-SD README's (schedulers built from the model's own scheduler config):
+  ddim     N-step LoRAs: DDIM with "trailing" spacing (so one step runs at t=999), no CFG.
+  tcd      the unified 1-8 step LoRA: TCD with eta (1.0 at one step; lower keeps more detail over more steps).
+  lcm      the one-step UNet (--unet): LCM at timestep 800, the timestep it was trained at.
+  default  the model's scheduler, untouched.
+torch and diffusers are imported inside the functions: the main CLI builds this parser on every call,
+and `hsd --help` should not pay seconds of imports.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ..io import atomic_path
+
+SCHEDULERS = ("ddim", "tcd", "lcm", "default")
+DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_ETA = {"tcd": 1.0}              # every other eta-taking scheduler: 0.0, i.e. deterministic DDIM
+ONE_STEP_TIMESTEPS = {"lcm": [800]}     # more steps use the scheduler's own spacing
+LORA_LAYOUTS = ("safetensors in the diffusers layout ('unet.<module>.lora_A.weight') "
+                "or the kohya layout ('lora_unet_<module>.lora_down.weight')")
+
+
+class GenerateError(ValueError):
+    """Arguments that cannot make images: no prompts, mismatched prompts and seeds, an unknown recipe."""
+
+
+@dataclass
+class ImageGenerator:
+    pipe: object          # diffusers StableDiffusion(XL)Pipeline: LoRAs fused, recipe scheduler set
+    scheduler: str        # recipe name, one of SCHEDULERS
+    eta: float | None     # None when the scheduler takes no eta (LCM)
+    sources: dict         # model, lora, unet, dtype, hsd_version: recorded in every image's metadata
+
+    @property
+    def native_size(self) -> int:
+        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+
+    def generate(self, prompts: list[str], steps: int, seeds: list[int], guidance: float = 0.0,
+                 height: int | None = None, width: int | None = None, batch_size: int = 4) -> list[Image.Image]:
+        """One image per (prompt, seed); each carries its settings in `image.info["hsd"]` for `save_png`."""
+        if len(prompts) != len(seeds):
+            raise GenerateError(f"{len(prompts)} prompts but {len(seeds)} seeds: one seed per image")
+        size = (height or self.native_size, width or self.native_size)
+        return [image for i in range(0, len(prompts), batch_size)
+                for image in self._batch(prompts[i:i + batch_size], seeds[i:i + batch_size], steps, guidance, size)]
+
+    def _batch(self, prompts, seeds, steps, guidance, size) -> list[Image.Image]:
+        import torch
+        # One CPU generator per image: its noise depends on its seed alone, not on its batch or the device.
+        generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+        timesteps = ONE_STEP_TIMESTEPS.get(self.scheduler) if steps == 1 else None
+        images = self.pipe(prompt=list(prompts), num_inference_steps=steps, timesteps=timesteps,
+                           guidance_scale=guidance, eta=self.eta or 0.0, generator=generators,
+                           height=size[0], width=size[1]).images
+        shared = dict(steps=steps, guidance=guidance, height=size[0], width=size[1], **self.sources,
+                      scheduler=self.scheduler, eta=self.eta, timesteps=self.pipe.scheduler.timesteps.tolist())
+        for image, prompt, seed in zip(images, prompts, seeds):
+            image.info["hsd"] = dict(prompt=prompt, seed=seed, **shared)
+        return images
+
+
+def load_generator(model: str | Path, lora: list[tuple[str | Path, float]] = (), unet: str | Path | None = None,
+                   scheduler: str = "ddim", eta: float | None = None, dtype: str = "float32",
+                   device: str = "cpu") -> ImageGenerator:
+    """A model folder, optional LoRAs fused at their weights, an optional replacement UNet, and a recipe."""
+    import torch
+    from ..models.components import load_components, pipeline
+    if scheduler not in SCHEDULERS or dtype not in DTYPES:
+        raise GenerateError(f"scheduler must be one of {SCHEDULERS} and dtype one of {DTYPES}, "
+                            f"not {scheduler!r} and {dtype!r}")
+    components = load_components(model)
+    if unet:
+        components.unet = _load_unet(Path(unet), components)
+    pipe = pipeline(components)
+    for i, (path, weight) in enumerate(lora):
+        _fuse_lora(pipe, Path(path), weight, f"lora{i}")
+    pipe.to(device)
+    # Fused in float32, then cast: half precision rounds the merged weights once. Skipped for float32, the
+    # loaded dtype, since any dtype cast makes diffusers 0.42 log a spurious "keep in float32" warning.
+    if dtype != "float32":
+        pipe.to(dtype=getattr(torch, dtype))
+    pipe.set_progress_bar_config(disable=True)       # callers show one bar over images, not one per batch
+    if scheduler != "default":
+        pipe.scheduler = _scheduler(scheduler, pipe.scheduler.config)
+    takes_eta = "eta" in inspect.signature(pipe.scheduler.step).parameters
+    eta = (DEFAULT_ETA.get(scheduler, 0.0) if eta is None else eta) if takes_eta else None
+    sources = dict(model=str(model), lora=[dict(path=str(p), weight=float(w)) for p, w in lora],
+                   unet=str(unet) if unet else None, dtype=dtype, hsd_version=version("hsd"))
+    return ImageGenerator(pipe, scheduler, eta, sources)
+
+
+def _scheduler(name: str, config):
+    from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
+    if name == "ddim":
+        return DDIMScheduler.from_config(config, timestep_spacing="trailing")
+    return {"tcd": TCDScheduler, "lcm": LCMScheduler}[name].from_config(config)
+
+
+def _load_unet(path: Path, components):
+    """A diffusers UNet folder, or a bare state dict over the model's UNet config (how Hyper-SD ships its
+    one-step UNet)."""
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+    from ..models.components import ModelError, family_of
+    if not path.exists():
+        raise ModelError(f"UNet not found: {path} (expected a diffusers UNet folder with config.json, "
+                         f"or a .safetensors state dict of the model's UNet)")
+    if path.is_dir():
+        unet = UNet2DConditionModel.from_pretrained(path, local_files_only=True)
+    else:
+        unet = UNet2DConditionModel.from_config(components.unet.config)
+        unet.load_state_dict(load_file(path))
+    if family_of(unet.config) != components.family:
+        raise ModelError(f"UNet {path} is {family_of(unet.config).upper()} but the model is "
+                         f"{components.family.upper()}")
+    return unet.eval()
+
+
+def _fuse_lora(pipe, path: Path, weight: float, name: str) -> None:
+    from ..models.components import ModelError
+    if not path.is_file():
+        raise ModelError(f"LoRA file not found: {path}")
+    try:
+        pipe.load_lora_weights(str(path), adapter_name=name)
+    except Exception as e:  # foreign layouts fail deep inside diffusers (ValueError, KeyError, IndexError...)
+        raise ModelError(f"diffusers cannot load the LoRA {path} into this model ({type(e).__name__}: {e}); "
+                         f"expected {LORA_LAYOUTS}") from e
+    if not any(name in names for names in pipe.get_list_adapters().values()):
+        raise ModelError(f"LoRA {path} matched no module of this model; expected {LORA_LAYOUTS}")
+    pipe.fuse_lora(lora_scale=weight, adapter_names=[name])
+    pipe.unload_lora_weights()                       # drops the peft layers; the fused weights stay
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write atomically, with each setting in its own text chunk and all of them as JSON in "hsd"."""
+    meta = image.info.get("hsd", {})
+    info = PngInfo()
+    for key, value in meta.items():
+        info.add_text(key, value if isinstance(value, str) else json.dumps(value))
+    info.add_text("hsd", json.dumps(meta))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+    return Path(path)
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per non-blank line."""
+    if not path.is_file():
+        raise GenerateError(f"prompt file not found: {path}")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise GenerateError(f"prompt file {path} holds no prompts (one per line expected)")
+    return prompts
+
+
+def run_generate(args) -> list[Path]:
+    """Every prompt x seed, once per step count; PNGs named by prompt index, seed and steps."""
+    from tqdm import tqdm
+    prompts = read_prompts(args.prompts) if args.prompts else args.prompt
+    gen = load_generator(args.model, args.lora, args.unet, args.scheduler, args.eta, args.dtype, args.device)
+    jobs = [(i, prompt, args.seed + j) for i, prompt in enumerate(prompts) for j in range(args.n_per_prompt)]
+    written = []
+    with tqdm(total=len(jobs) * len(args.steps), unit="img", desc="generate") as bar:
+        for steps in args.steps:
+            for k in range(0, len(jobs), args.batch_size):
+                chunk = jobs[k:k + args.batch_size]
+                images = gen.generate([p for _, p, _ in chunk], steps, [s for _, _, s in chunk], args.guidance,
+                                      args.height, args.width, args.batch_size)
+                for (i, _, seed), image in zip(chunk, images):
+                    written.append(save_png(image, args.out / f"p{i:04d}_seed{seed}_steps{steps}.png"))
+                bar.update(len(chunk))
+    return written
+
+
+def cmd_generate(args) -> None:
+    from ..models.components import ModelError
+    try:
+        written = run_generate(args)
+    except (ModelError, GenerateError) as e:
+        sys.exit(f"hsd: error: {e}")
+    print(f"wrote {len(written)} images to {args.out}")
+
+
+def parse_lora(spec: str) -> tuple[str, float]:
+    """FILE[:WEIGHT]; a ':' not followed by a number belongs to the path."""
+    path, sep, weight = spec.rpartition(":")
+    try:
+        return (path, float(weight)) if sep else (spec, 1.0)
+    except ValueError:
+        return spec, 1.0
+
+
+def _positive(text: str) -> int:
+    if int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {text}")
+    return int(text)
+
+
+def add_generate_command(subparsers) -> argparse.ArgumentParser:
+    g = subparsers.add_parser("generate", help="images with the Hyper-SD recipes; PNGs carry their settings")
+    g.add_argument("--model", required=True, help="diffusers pipeline folder (SD1.5 or SDXL)")
+    g.add_argument("--lora", type=parse_lora, nargs="+", action="extend", default=[], metavar="FILE[:WEIGHT]",
+                   help="LoRA safetensors (diffusers or kohya layout), fused at WEIGHT (default 1)")
+    g.add_argument("--unet", help="UNet folder or .safetensors replacing the model's (the one-step UNet)")
+    g.add_argument("--scheduler", choices=SCHEDULERS, default="ddim",
+                   help="ddim: N-step LoRAs; tcd: unified LoRA; lcm: one-step UNet (t=800); default: the model's")
+    g.add_argument("--eta", type=float, help="TCD/DDIM eta (default: 1.0 for tcd, 0 for ddim)")
+    g.add_argument("--steps", type=_positive, nargs="+", required=True, help="one image set per step count")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", nargs="+", action="extend", metavar="TEXT")
+    src.add_argument("--prompts", type=Path, metavar="FILE", help="text file, one prompt per line")
+    g.add_argument("--seed", type=int, default=0, help="image j of every prompt uses seed + j")
+    g.add_argument("--n-per-prompt", type=_positive, default=1)
+    g.add_argument("--batch-size", type=_positive, default=4)
+    g.add_argument("--guidance", type=float, default=0.0, help="CFG scale; <= 1 disables CFG, as the recipes do")
+    g.add_argument("--dtype", choices=DTYPES, default="float32")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--height", type=int, help="default: the model's native size")
+    g.add_argument("--width", type=int, help="default: the model's native size")
+    g.add_argument("--out", type=Path, required=True, help="folder for the PNGs")
+    g.set_defaults(fn=cmd_generate)
+    return g
