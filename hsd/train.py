@@ -1,6 +1,7 @@
 """The one training entry point: TSCD stages k = 8 -> 4 -> 2 -> 1, each resuming the last, then the report."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,10 @@ from .lit.tscd import TSCDModule
 from .models.discriminator import FeatureDiscriminator, feature_channels
 from .models import lora as lora_io
 from .worlds import WORLDS
+
+
+# Checkpoints are taken after the update on purpose: their state matches their global_step (exact resume).
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
@@ -17,12 +17,16 @@ from hsd.pipelines import GenerateError, add_generate_command, load_generator
 from hsd.pipelines.generate import parse_lora
 
 FAMILIES = ["tiny-sd15", "tiny-sdxl"]
+ETA = {"tcd": 1.0, "lcm": None}        # recorded eta per recipe; the others (DDIM) default to 0.0
+ONE_STEP = {"ddim": [999], "lcm": [800]}  # DDIM "trailing" starts at the last training timestep; LCM as told
 RECIPES = [("ddim", [1, 2, 4, 8]), ("tcd", [1, 4]), ("lcm", [1]), ("default", [2])]
 
 
 def _make_model(name, root):
     """A pipeline folder, its LoRA in the diffusers and kohya layouts, and a replacement UNet (folder + file)."""
     comps = build_components(name)
+    # "leading", as in the released SD1.5 / SDXL folders, so the ddim recipe's "trailing" override is tested.
+    comps.scheduler = DDIMScheduler.from_config(comps.scheduler.config, timestep_spacing="leading")
     folder = comps.save_pretrained(root / "model")
     comps.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
                                       init_lora_weights=False))
@@ -78,18 +82,18 @@ def test_recipes_run_the_unet_at_their_timesteps(model, scheduler, steps_list):
     unet = model.unet_dir if scheduler == "lcm" else None
     lora = [] if scheduler == "lcm" else [(model.lora, 1.0)]
     gen = load_generator(model.folder, lora=lora, unet=unet, scheduler=scheduler)
-    seen = _unet_timesteps(gen)
+    seen, calls = _unet_timesteps(gen), {}
     for steps in steps_list:
         seen.clear()
         images = gen.generate(["a red cube", "a blue ball"], steps, [0, 1])
         assert [im.size for im in images] == [(16, 16)] * 2                   # native: sample_size 8 x vae 2
         meta = images[0].info["hsd"]
         assert seen == meta["timesteps"] and len(seen) == steps             # one batched UNet call per step
-        assert (meta["scheduler"], meta["steps"], meta["eta"]) == (scheduler, steps, {"tcd": 1.0, "lcm": None}.get(scheduler, 0.0))
-    if scheduler == "ddim":
-        assert gen.generate(["x"], 1, [0])[0].info["hsd"]["timesteps"] == [999]   # trailing spacing
+        assert (meta["scheduler"], meta["steps"], meta["eta"]) == (scheduler, steps, ETA.get(scheduler, 0.0))
+        calls[steps] = list(seen)
+    if scheduler in ONE_STEP:
+        assert calls[1] == ONE_STEP[scheduler]
     if scheduler == "lcm":
-        assert seen == [800]
         from_file = load_generator(model.folder, unet=model.unet_file, scheduler="lcm").generate(["a red cube"], 1, [0])
         base = load_generator(model.folder, scheduler="lcm").generate(["a red cube"], 1, [0])
         assert np.array_equal(_pixels(from_file), _pixels(images[:1]))     # folder and bare state dict agree
