@@ -7,6 +7,8 @@ Lightning owns devices, precision, sharding, checkpoints and logging.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import lightning as L
 import torch
 from torch import Tensor, nn
@@ -89,8 +91,12 @@ class TSCDModule(L.LightningModule):
         return pred, target, {"x_tn": x_tn, "t_n": t_n, "t_prev": t_prev, "t_end": t_end, "w": w}
 
     def logits(self, x: Tensor, t: Tensor, cond) -> list[Tensor]:
-        """Discriminator logits of samples x at timesteps t, from the frozen teacher's encoder features."""
-        with self.teacher():
+        """Discriminator logits of samples x at timesteps t, from the frozen teacher's encoder features.
+
+        This pass needs gradient (to x) with the LoRA off; checkpointed blocks would recompute it in backward
+        with the LoRA back on, so it runs without gradient checkpointing.
+        """
+        with self.teacher(), _no_checkpointing(self.unet):
             return self.disc(encoder_features(self.unet, x, t, unet_kwargs(cond), not self.fsdp))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
@@ -180,6 +186,18 @@ class _AdaptersOff:
 
     def __exit__(self, *exc):
         self.unet.enable_adapters()
+
+
+@contextmanager
+def _no_checkpointing(unet):
+    was = unet.is_gradient_checkpointing
+    if was:
+        unet.disable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if was:
+            unet.enable_gradient_checkpointing()
 
 
 def _cat2(cond):

@@ -1,0 +1,145 @@
+"""TSCD training throughput and peak memory per micro-batch size, with and without gradient checkpointing,
+plus 1-step generation latency of `hsd generate`'s path vs. the stock diffusers pipeline (same fused LoRA).
+
+Runs the real code path: random-weight components of a registered architecture, the TSCD LightningModule
+(discriminator on when --w-adv > 0) under Lightning's Trainer with the chosen precision. Meant for a GPU:
+
+    python benchmarks/sd_train_memory.py --arch sd15 --resolution 512 --micro-batches 1 2 4 8 --device cuda
+    python benchmarks/sd_train_memory.py --arch sdxl --resolution 1024 --micro-batches 1 2 --device cuda
+
+On a CPU (`--arch tiny-sd15 --device cpu`) it runs as a smoke test; peak memory is then not reported.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import lightning as L
+import torch
+
+from hsd.config import load_config
+from hsd.diffusion.schedule import NoiseSchedule
+from hsd.lit.data import EpochLoader, IndexedBatches
+from hsd.lit.tscd import TSCDModule
+from hsd.models.components import build_components
+from hsd.models.conditioning import LatentEncoder, TextConditioner
+from hsd.models.discriminator import FeatureDiscriminator, feature_channels
+from hsd.models.lora import attach_lora
+
+
+class StepTimer(L.Callback):
+    def __init__(self):
+        self.times, self.t0 = [], 0.0
+
+    def _sync(self, module):
+        if module.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._sync(module)
+        self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self._sync(module)
+        self.times.append(time.perf_counter() - self.t0)
+
+
+def measure(comps, args, micro: int, checkpointing: bool) -> tuple[float, float | None]:
+    """(median s/step after warm-up, peak GiB or None on CPU) for `args.steps` TSCD updates."""
+    unet = comps.unet
+    unet.disable_gradient_checkpointing()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    cfg = load_config([], [f"tscd.stages=[{{k: 2, grid_steps: 50, w_adv: {args.w_adv}}}]", "tscd.loss=huber"])
+    disc = FeatureDiscriminator(feature_channels(unet), 64) if args.w_adv else None
+    enc = LatentEncoder(comps.vae, TextConditioner(comps.family, comps.text_encoders, comps.tokenizers),
+                        args.resolution)
+    module = TSCDModule(unet, NoiseSchedule.from_scheduler(comps.scheduler), cfg.tscd.stages[0], cfg.tscd,
+                        encoder=enc, disc=disc)
+    n = args.warmup + args.steps
+
+    def batch(i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        return {"pixels": torch.rand(micro, 3, args.resolution, args.resolution, generator=g) * 2 - 1,
+                "captions": ["a photograph of an astronaut riding a horse"] * micro}
+
+    timer = StepTimer()
+    trainer = L.Trainer(max_steps=n * module.steps_per_update, accelerator="gpu" if args.device == "cuda" else "cpu",
+                        devices=1, precision=args.precision, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, train_dataloaders=EpochLoader(IndexedBatches(batch, 0, n)))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+    return statistics.median(timer.times[args.warmup:]), peak
+
+
+def generation_latency(comps, args) -> tuple[float, float]:
+    """Median seconds per 1-step image: hsd's ImageGenerator vs. the stock pipeline call, same pipe object."""
+    from diffusers import DDIMScheduler
+    from hsd.models.components import pipeline
+    from hsd.pipelines.generate import ImageGenerator
+    pipe = pipeline(comps).to(args.device, dtype=comps.unet.dtype)  # one dtype: the frozen weights'
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    pipe.set_progress_bar_config(disable=True)
+    ours = ImageGenerator(pipe, "ddim", 0.0, {"model": args.arch})
+    prompt, size = "a photograph of an astronaut riding a horse", args.resolution
+    stock = lambda: pipe(prompt, num_inference_steps=1, guidance_scale=0.0, height=size, width=size,  # noqa: E731
+                         generator=torch.Generator().manual_seed(0)).images
+    arms = {"hsd": lambda: ours.generate([prompt], 1, [0], height=size, width=size), "stock": stock}
+    times = {k: [] for k in arms}
+    for r in range(2 + args.steps):
+        for k, fn in arms.items():
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            if r >= 2:
+                times[k].append(time.perf_counter() - t0)
+    return statistics.median(times["hsd"]), statistics.median(times["stock"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="tiny-sd15")
+    p.add_argument("--resolution", type=int, default=16)
+    p.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="bf16-mixed")
+    p.add_argument("--frozen-dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--w-adv", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args()
+    comps = build_components(args.arch)
+    frozen = getattr(torch, args.frozen_dtype)
+    comps.unet.to(frozen)
+    for e in comps.text_encoders:
+        e.to(frozen)
+    torch.manual_seed(0)
+    attach_lora(comps.unet, 64, 64)
+    for prm in comps.unet.parameters():
+        if prm.requires_grad:
+            prm.data = prm.data.float()
+    print(f"{args.arch} at {args.resolution}px, {args.precision}, frozen weights {args.frozen_dtype}, "
+          f"LoRA rank 64, discriminator {'on' if args.w_adv else 'off'}, device {args.device}")
+    print("| micro-batch | grad. checkpointing | s/step | images/s | peak GiB |\n|---|---|---|---|---|")
+    for micro in args.micro_batches:
+        for ckpt in (False, True):
+            try:
+                sec, peak = measure(comps, args, micro, ckpt)
+                mem = f"{peak:.1f}" if peak is not None else "n/a (CPU)"
+                print(f"| {micro} | {'on' if ckpt else 'off'} | {sec:.3f} | {micro / sec:.2f} | {mem} |", flush=True)
+            except torch.OutOfMemoryError:
+                print(f"| {micro} | {'on' if ckpt else 'off'} | OOM | | |", flush=True)
+                torch.cuda.empty_cache()
+    comps.unet.disable_adapters()  # generation latency of the base architecture; a fused LoRA costs nothing
+    ours, stock = generation_latency(comps, args)
+    print(f"1-step generation: hsd {ours * 1000:.1f} ms, stock pipeline {stock * 1000:.1f} ms, "
+          f"ratio {ours / stock:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""The benchmark scripts run (tiny models, CPU) and print what they promise; the numbers are in docs/sd.md."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(script: str, *args: str) -> str:
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_tscd_step_benchmark_prints_ratios():
+    out = _run("tscd_step.py", "--resolution", "16", "--batch", "2", "--repeats", "1", "--warmup", "0")
+    ratios = re.findall(r"ratio to baseline (\d+\.\d+)", out)
+    assert len(ratios) == 3 and float(ratios[0]) == 1.0
+
+
+def test_sd_memory_benchmark_runs_checkpointing_with_discriminator_in_bf16():
+    """Gradient checkpointing + the discriminator's LoRA-off pass + bf16 autocast, through Lightning."""
+    out = _run("sd_train_memory.py", "--micro-batches", "1", "--steps", "1", "--warmup", "1")
+    rows = [l for l in out.splitlines() if l.startswith("| 1 |")]
+    assert len(rows) == 2 and "OOM" not in out
+    assert re.search(r"1-step generation: .* ratio \d+\.\d+", out)
