@@ -4,7 +4,8 @@ Both run on the same random-weight UNet (a registered architecture), batch and r
 VAE encode, text encode, student forward + backward, teacher CFG and a target forward, and an AdamW step.
 Baseline: teacher cond and uncond as two forwards, a separate fp32 teacher UNet, fp32 throughout (the
 script on a CPU). hsd: cond and uncond in one batched forward through the same UNet with its LoRA off, the
-EMA target by functional_call, under the run's precision. Prints one ratio per hsd precision, measured
+EMA target by functional_call, the empty-prompt embedding cached, under the run's
+precision (bf16-mixed with the frozen weights stored in bf16, as experiments/sd15 sets model.frozen_dtype). Prints one ratio per hsd precision, measured
 interleaved in one run.
 
     .venv/bin/python benchmarks/tscd_step.py --arch tiny-sd15 --resolution 64 --batch 8 --repeats 10
@@ -47,15 +48,16 @@ def hsd_step(module: TSCDModule, opt, batch: dict, g, precision: str) -> None:
 class LCMBaseline:
     """The LCM-LoRA script's step: separate fp32 teacher, two teacher forwards, target from the same UNet."""
 
-    def __init__(self, comps, unet, sched: NoiseSchedule, N: int = 50):
-        self.c, self.unet, self.teacher, self.sched = comps, unet, copy.deepcopy(comps.unet), sched
+    def __init__(self, comps, sched: NoiseSchedule, N: int = 50):
+        # Its own copies (online UNet with LoRA, frozen teacher), so nothing set on hsd's UNet reaches it.
+        self.c, self.unet, self.teacher, self.sched = comps, copy.deepcopy(comps.unet), copy.deepcopy(comps.unet), sched
         self.teacher.disable_adapters()
         self.topk = sched.T // N
         self.grid = torch.arange(1, N + 1) * self.topk - 1
         tok, enc = comps.tokenizers[0], comps.text_encoders[0]
         ids = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
         self.uncond = enc(ids)[0]
-        self.opt = torch.optim.AdamW(lora_params(unet).values(), lr=1e-4)
+        self.opt = torch.optim.AdamW(lora_params(self.unet).values(), lr=1e-4)
 
     def step(self, batch: dict, g) -> None:
         tok, enc, vae = self.c.tokenizers[0], self.c.text_encoders[0], self.c.vae
@@ -99,15 +101,22 @@ def main() -> None:
     attach_lora(comps.unet, 16, 16)
     sched = NoiseSchedule.from_scheduler(comps.scheduler)
     cfg = load_config([], ["tscd.stages=[{k: 8, grid_steps: 50}]", "tscd.guidance_min=5", "tscd.guidance_max=15"])
-    encoder = LatentEncoder(comps.vae, TextConditioner(comps.family, comps.text_encoders, comps.tokenizers),
-                            args.resolution)
-    module = TSCDModule(comps.unet, sched, cfg.tscd.stages[0], cfg.tscd, encoder=encoder)
-    opt = torch.optim.AdamW(lora_params(comps.unet).values(), lr=1e-4)
-    base = LCMBaseline(comps, comps.unet, sched)
+    base = LCMBaseline(comps, sched)
+
+    def hsd(frozen: torch.dtype):
+        """hsd's module as `hsd train` builds it: frozen UNet/text weights in model.frozen_dtype, LoRA fp32."""
+        unet, text = copy.deepcopy(comps.unet).to(frozen), [copy.deepcopy(e).to(frozen) for e in comps.text_encoders]
+        for p in lora_params(unet).values():
+            p.data = p.data.float()
+        enc = LatentEncoder(comps.vae, TextConditioner(comps.family, text, comps.tokenizers), args.resolution)
+        module = TSCDModule(unet, sched, cfg.tscd.stages[0], cfg.tscd, encoder=enc)
+        return module, torch.optim.AdamW(lora_params(unet).values(), lr=1e-4)
+
+    fp32, bf16 = hsd(torch.float32), hsd(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     arms = {"baseline (LCM-LoRA script, fp32)": lambda b: base.step(b, g),
-            "hsd fp32": lambda b: hsd_step(module, opt, b, g, "32-true"),
-            "hsd bf16-mixed": lambda b: hsd_step(module, opt, b, g, "bf16-mixed")}
+            "hsd fp32": lambda b: hsd_step(*fp32, b, g, "32-true"),
+            "hsd bf16-mixed, frozen bf16": lambda b: hsd_step(*bf16, b, g, "bf16-mixed")}
     times = {k: [] for k in arms}
     for r in range(args.warmup + args.repeats):
         for name, fn in arms.items():  # interleaved, so drifts in machine load hit every arm alike

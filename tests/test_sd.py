@@ -201,6 +201,12 @@ def test_hsd_train_every_stage_exports_both_formats(model_dir, images, tmp_path)
         for steps in (1, 2, 4, 8):
             img = gen.generate(["a cat"], steps, [0])[0]
             assert img.size == (16, 16) and np.asarray(img).std() > 0
+    # A released-style kohya LoRA as the starting point of a new run (rank, alpha, targets read from it).
+    init = _train([str(ROOT / f"experiments/tiny/{world}.yaml"), f"model.path={model_dir}", f"data.folder={images}",
+                   f"out_dir={tmp_path}", "name=init", f"model.lora_init={out}/lora_stage3_k1.kohya.safetensors",
+                   "tscd.stages=[{k: 1, grid_steps: 16, iterations: 1}]"], tmp_path)
+    assert init.returncode == 0, init.stderr[-3000:]
+    assert (tmp_path / "init" / "lora_stage0_k1.kohya.safetensors").exists()
     # A rerun finds every stage done and trains nothing.
     again = _train([str(ROOT / f"experiments/tiny/{world}.yaml"), f"model.path={model_dir}",
                     f"data.folder={images}", f"out_dir={tmp_path}", "name=run"], tmp_path)
@@ -216,6 +222,16 @@ def test_two_process_ddp_on_cpu(images, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "distributed_backend=gloo" in r.stderr and "All distributed processes registered" in r.stderr
     assert (tmp_path / "ddp" / "lora_stage0_k2.kohya.safetensors").exists()
+
+
+def test_8bit_adam_without_bitsandbytes_says_how_to_install():
+    from hsd.lit import tscd
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        with pytest.raises(ImportError, match=r"pip install 'hsd\[bnb\]'"):
+            tscd._adamw("adamw8bit")
 
 
 def test_cli_names_sdxl_settings_on_sd15_weights(images, tmp_path):

@@ -105,41 +105,54 @@ class TSCDModule(L.LightningModule):
         if self.encoder is not None:
             batch = self.encoder(batch, g)
         pred, target, aux = self.tscd_pair(batch, g)
-        opts = self.optimizers()
-        opt_g, opt_d = (opts, None) if self.disc is None else opts
+        if "skipped" in batch:  # undecodable samples so far, summed over ranks
+            self.log("data/skipped", float(batch["skipped"]), reduce_fx="sum", sync_dist=True)
         update = (int(batch["index"]) // self.trainer.world_size + 1) % self.cfg.accumulate == 0
-        s, cond = self.stage, batch["cond"]
-        if self.disc is not None:  # both samples re-noised to the same t' with the same noise
-            t_hi = torch.full_like(aux["t_end"], int(self.cfg.adv.renoise_max * (self.schedule.T - 1)))
-            u = torch.rand(pred.shape[0], generator=g).to(pred.device)
-            t_adv = aux["t_end"] + (u * (t_hi - aux["t_end"]).clamp(min=0)).long()
-            z = torch.randn(pred.shape, generator=g).to(pred)
-            noisy = lambda x: renoise(self.schedule, x, aux["t_end"], t_adv, z)  # noqa: E731
-            self.toggle_optimizer(opt_g)
-        adv = (lambda p, _: g_loss(self.logits(noisy(p), t_adv, cond), self.cfg.adv.loss)) if self.disc else None
+        opts = self.optimizers()
+        if self.disc is None:
+            return self._generator_update(opts, pred, target, None, update)
+        noisy, t_adv = self._renoiser(aux["t_end"], pred, g)
+        adv = lambda p, _: g_loss(self.logits(noisy(p), t_adv, batch["cond"]), self.cfg.adv.loss)  # noqa: E731
+        self.toggle_optimizer(opts[0])
+        loss = self._generator_update(opts[0], pred, target, adv, update)
+        self.untoggle_optimizer(opts[0])
+        self.toggle_optimizer(opts[1])
+        self._discriminator_update(opts[1], noisy(target), noisy(pred.detach()), t_adv, batch["cond"], update)
+        self.untoggle_optimizer(opts[1])
+        return loss
+
+    def _generator_update(self, opt, pred: Tensor, target: Tensor, adv, update: bool) -> Tensor:
+        s = self.stage
         loss = tscd_loss(pred, target, s.w_mse, self.cfg.loss, self.cfg.huber_c, s.w_adv, adv)
         self.manual_backward(loss / self.cfg.accumulate)
         if update:
-            self._step(opt_g)
+            self._step(opt)
             self.ema.update(lora_params(self.unet), self.cfg.ema_decay)
         self.log(f"train/loss_k{s.k}", loss, prog_bar=True)
-        if "skipped" in batch:
-            self.log("data/skipped", float(batch["skipped"]))
-        if self.disc is not None:
-            self.untoggle_optimizer(opt_g)
-            self.toggle_optimizer(opt_d)
-            real_fake = torch.cat([noisy(target), noisy(pred.detach())])  # one batched forward
-            with torch.no_grad(), self.teacher():  # frozen features need no graph: only the heads learn
-                feats = encoder_features(self.unet, real_fake, torch.cat([t_adv, t_adv]),
-                                         unet_kwargs(_cat2(cond)), not self.fsdp)
-            real, fake = zip(*(l.chunk(2) for l in self.disc(feats)))
-            ld = d_loss(list(real), list(fake), self.cfg.adv.loss)
-            self.manual_backward(ld / self.cfg.accumulate)
-            if update:
-                self._step(opt_d)
-            self.untoggle_optimizer(opt_d)
-            self.log(f"train/d_loss_k{s.k}", ld, prog_bar=True)
         return loss.detach()
+
+    def _discriminator_update(self, opt, real: Tensor, fake: Tensor, t: Tensor, cond, update: bool) -> None:
+        with torch.no_grad(), self.teacher():  # frozen features need no graph: only the heads learn
+            feats = encoder_features(self.unet, torch.cat([real, fake]), torch.cat([t, t]),
+                                     unet_kwargs(_cat2(cond)), not self.fsdp)  # one batched forward
+        r, f = zip(*(logit.chunk(2) for logit in self.disc(feats)))
+        loss = d_loss(list(r), list(f), self.cfg.adv.loss)
+        self.manual_backward(loss / self.cfg.accumulate)
+        if update:
+            self._step(opt)
+        self.log(f"train/d_loss_k{self.stage.k}", loss, prog_bar=True)
+
+    def _renoiser(self, t_end: Tensor, like: Tensor, g: torch.Generator):
+        """(x -> a draw of q(x_t' | x_t_end), t'): real and fake get the same t' ~ U[t_end, renoise_max T] and
+        the same noise."""
+        t_hi = torch.full_like(t_end, int(self.cfg.adv.renoise_max * (self.schedule.T - 1)))
+        u = torch.rand(like.shape[0], generator=g).to(like.device)
+        t_adv = t_end + (u * (t_hi - t_end).clamp(min=0)).long()
+        z = torch.randn(like.shape, generator=g).to(like)
+
+        def noisy(x: Tensor) -> Tensor:
+            return renoise(self.schedule, x, t_end, t_adv, z)
+        return noisy, t_adv
 
     def _step(self, opt) -> None:
         if self.fsdp and self.trainer.world_size > 1:
