@@ -34,25 +34,30 @@ def stage_lora_path(out: Path, i: int, k: int) -> Path:
     return out / f"lora_stage{i}_k{k}.safetensors"
 
 
-def make_strategy(cfg: Run, trained: list[torch.nn.Parameter] = ()):
-    """DDP, or FSDP sharding the frozen UNet on its blocks (ZeRO-3 for what is big).
+def fsdp_kwargs(trained: list[torch.nn.Parameter]) -> dict:
+    """FSDP settings: shard the frozen UNet on its down/mid/up blocks; leave the trained tensors alone.
 
-    The trained tensors (LoRA, discriminator) are few and small: FSDP ignores them, so they stay whole on
-    every rank like under DDP, the EMA and its functional_call target work unchanged, and TSCDModule
-    all-reduces their gradients itself (`sync_grads`).
+    The trained tensors (LoRA, discriminator) are few and small: as `ignored_states` they stay whole on every
+    rank like under DDP, so the EMA and its functional_call target work unchanged, and TSCDModule averages
+    their gradients itself. The frozen weights, which are what is big, are sharded (ZeRO-3).
     """
+    from diffusers.models.unets import unet_2d_blocks as blocks
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    wrap = {getattr(blocks, n) for n in ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
+                                           "CrossAttnUpBlock2D", "UpBlock2D")}
+    return {"auto_wrap_policy": ModuleWrapPolicy(wrap), "use_orig_params": True, "ignored_states": list(trained)}
+
+
+def make_strategy(cfg: Run, trained: list[torch.nn.Parameter] = ()):
+    """DDP, or Lightning's FSDP with `fsdp_kwargs` and sharded checkpoints."""
     if cfg.trainer.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
         # G and D are two backward passes of one forward, each leaving the other's parameters unused.
         return DDPStrategy(find_unused_parameters=True)
     if cfg.trainer.strategy != "fsdp":
         return cfg.trainer.strategy
-    from diffusers.models.unets import unet_2d_blocks as blocks
     from lightning.pytorch.strategies import FSDPStrategy
-    wrap = {getattr(blocks, n) for n in ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
-                                           "CrossAttnUpBlock2D", "UpBlock2D")}
-    return FSDPStrategy(auto_wrap_policy=wrap, use_orig_params=True, state_dict_type="sharded",
-                        ignored_states=list(trained))
+    return FSDPStrategy(state_dict_type="sharded", **fsdp_kwargs(trained))
 
 
 def make_trainer(cfg: Run, sdir: Path, max_steps: int, ckpt_every: int, callbacks=(),

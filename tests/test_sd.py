@@ -3,6 +3,7 @@
 Everything runs on random-weight models of the real architectures (meta device for their sizes) or tiny
 ones saved with save_pretrained and read back through the user-facing loader.
 """
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -222,6 +223,16 @@ def test_two_process_ddp_on_cpu(images, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "distributed_backend=gloo" in r.stderr and "All distributed processes registered" in r.stderr
     assert (tmp_path / "ddp" / "lora_stage0_k2.kohya.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_fsdp_settings_on_two_cpu_processes():
+    """Lightning refuses FSDP on CPU; torch's FSDP with hsd's settings checks the strategy's premises."""
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "fsdp_cpu_worker.py"), "29547"], capture_output=True,
+                       text=True, cwd=ROOT)
+    results = re.findall(r"(ok|FAIL) (\S+) rank(\d)", r.stdout)
+    assert r.returncode == 0 and len(results) == 10, r.stdout + r.stderr[-2000:]
+    assert all(status == "ok" for status, _, _ in results), r.stdout
 
 
 def test_8bit_adam_without_bitsandbytes_says_how_to_install():

@@ -28,7 +28,12 @@ def attach_lora(unet, rank: int, alpha: float, targets: list[str] | None = None)
 
 
 def lora_params(unet) -> dict[str, torch.Tensor]:
-    return {n: p for n, p in unet.named_parameters() if "lora_" in n}
+    return {_plain(n): p for n, p in unet.named_parameters() if "lora_" in n}
+
+
+def _plain(name: str) -> str:
+    """The module path without FSDP's wrapper segments, so names are the same sharded or not."""
+    return name.replace("_fsdp_wrapped_module.", "")
 
 
 def unet_lora(unet, adapter: str = "default") -> dict[str, LoraModule]:
@@ -77,7 +82,7 @@ def fuse_loras(unet, paths: list[str | os.PathLike], weights: list[float]) -> No
 
 
 def _lora_layers(unet, adapter: str) -> dict[str, LoraLayer]:
-    return {n: m for n, m in unet.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
+    return {_plain(n): m for n, m in unet.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
 
 
 def _load_into(unet, lora: LoraFile, adapter: str) -> None:
