@@ -64,9 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     ab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ab.add_argument("--out", default="runs/ablation")
     ab.set_defaults(fn=cmd_ablate)
-    from .models.components import ARCHS
     rm = sub.add_parser("random-model", help="save random-weight components of an architecture (tests, benchmarks)")
-    rm.add_argument("arch", choices=list(ARCHS))
+    rm.add_argument("arch", help="sd15 | sdxl (the real architectures) | tiny-sd15 | tiny-sdxl")
     rm.add_argument("out")
     rm.add_argument("--seed", type=int, default=0)
     rm.set_defaults(fn=cmd_random_model)

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .models.lora_formats import FORMATS, convert_lora, lora_summary, merge_loras
+FORMATS = ("diffusers", "kohya")  # = lora_formats.FORMATS; torch and peft load only when a command runs
 
 
 def add_lora_commands(subparsers) -> None:
@@ -25,11 +25,11 @@ def add_lora_commands(subparsers) -> None:
     convert.add_argument("input", type=Path)
     convert.add_argument("--out", required=True, type=Path)
     convert.add_argument("--format", choices=FORMATS, required=True)
-    convert.set_defaults(fn=lambda args: print(convert_lora(args.input, args.out, args.format)))
+    convert.set_defaults(fn=run_convert)
 
     info = sub.add_parser("info", help="print a LoRA file's layout, ranks, alphas, module count and metadata")
     info.add_argument("file", type=Path)
-    info.set_defaults(fn=lambda args: print(format_summary(lora_summary(args.file))))
+    info.set_defaults(fn=run_info)
 
 
 def file_weight(text: str) -> tuple[Path, float]:
@@ -41,7 +41,18 @@ def file_weight(text: str) -> tuple[Path, float]:
         return Path(text), 1.0
 
 
+def run_convert(args) -> None:
+    from .models.lora_formats import convert_lora
+    print(convert_lora(args.input, args.out, args.format))
+
+
+def run_info(args) -> None:
+    from .models.lora_formats import lora_summary
+    print(format_summary(lora_summary(args.file)))
+
+
 def run_merge(args) -> None:
+    from .models.lora_formats import merge_loras
     paths, weights = [p for p, _ in args.inputs], [w for _, w in args.inputs]
     if args.unet is None:
         print(merge_loras(paths, weights, args.out, args.format))

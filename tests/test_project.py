@@ -65,3 +65,13 @@ def test_eval_package_exposes_the_lab_metrics(world):
     import torch
     labels = torch.arange(4)
     assert eval.lab_metrics(world, world.means[labels, 0], labels)["alignment"] == 1.0
+
+
+def test_cli_starts_without_heavy_imports():
+    """`hsd --help` builds every parser without importing torch (the LoRA CLI keeps its own format list)."""
+    from hsd.lora_cli import FORMATS
+    from hsd.models.lora_formats import FORMATS as LORA_FORMATS
+    assert FORMATS == LORA_FORMATS
+    code = "import sys; from hsd.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.stdout.strip().endswith("False"), r.stdout + r.stderr
