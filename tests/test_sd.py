@@ -71,6 +71,21 @@ def test_missing_model_and_single_file_errors(tmp_path):
         load_components(tmp_path / "sd.safetensors")
 
 
+def test_single_file_checkpoint_loads_offline_with_a_config_folder(tmp_path):
+    """An original-layout (LDM) SD1.5 .safetensors, written by tests/ldm_checkpoint.py, loads to the same weights."""
+    from safetensors.torch import save_file
+    sys.path.insert(0, str(ROOT / "tests"))
+    from ldm_checkpoint import sd15_to_ldm
+    c = build_components("tiny-sd15")
+    config = c.save_pretrained(tmp_path / "config")
+    save_file(sd15_to_ldm(c), tmp_path / "sd15.safetensors")
+    loaded = load_components(tmp_path / "sd15.safetensors", config=config)
+    assert loaded.family == "sd15"
+    for a, b in [(c.unet, loaded.unet), (c.vae, loaded.vae), (c.text_encoders[0], loaded.text_encoders[0])]:
+        sa, sb = a.state_dict(), b.state_dict()
+        assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k].reshape(sa[k].shape)) for k in sa)
+
+
 def test_sdxl_conditioning_matches_the_pipeline():
     """Our SDXL text conditioning equals StableDiffusionXLPipeline.encode_prompt; size ids as the pipeline's."""
     from hsd.models.components import pipeline
