@@ -48,8 +48,41 @@ def fsdp_kwargs(trained: list[torch.nn.Parameter]) -> dict:
     return {"auto_wrap_policy": ModuleWrapPolicy(wrap), "use_orig_params": True, "ignored_states": list(trained)}
 
 
+def unet_fsdp_strategy(base):
+    """A Lightning FSDP strategy class that shards only the module's frozen UNet and checkpoints like DDP.
+
+    - It wraps the UNet alone, leaving the LightningModule bare. Lightning runs training_step inside the
+      root FSDP forward, so TSCD's manual backward passes would run before that forward ends, and FSDP then
+      never finalises units whose weights are all frozen (they stay in BACKWARD_PRE and the next state_dict
+      fails). With the UNet as its own root, every UNet call is a whole root forward before any backward.
+    - The trained state (LoRA, EMA, discriminator, their optimizers) is a few MB and the same on every rank,
+      so it is saved and restored as DDP does: one file from rank 0 (through the atomic CheckpointIO).
+    """
+    from lightning.pytorch.strategies import Strategy
+
+    class UNetFSDPStrategy(base):
+        lightning_module_state_dict = Strategy.lightning_module_state_dict
+        optimizer_state = Strategy.optimizer_state
+        save_checkpoint = Strategy.save_checkpoint
+        load_checkpoint = Strategy.load_checkpoint
+        remove_checkpoint = Strategy.remove_checkpoint
+        load_model_state_dict = Strategy.load_model_state_dict
+        load_optimizer_state_dict = Strategy.load_optimizer_state_dict
+        lightning_restore_optimizer = Strategy.lightning_restore_optimizer  # FSDP's loads them itself: we don't
+
+        def _setup_model(self, model):
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            if isinstance(model.unet, FullyShardedDataParallel):  # a later stage: wrapped by the first
+                return model
+            model.unet = FullyShardedDataParallel(
+                model.unet, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy, device_id=self.root_device.index, **self.kwargs)
+            return model
+    return UNetFSDPStrategy
+
+
 def make_strategy(cfg: Run, trained: list[torch.nn.Parameter] = ()):
-    """DDP, or Lightning's FSDP with `fsdp_kwargs` and sharded checkpoints."""
+    """DDP, or Lightning's FSDP around the frozen UNet (`unet_fsdp_strategy`, `fsdp_kwargs`)."""
     if cfg.trainer.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
         # G and D are two backward passes of one forward, each leaving the other's parameters unused.
@@ -57,20 +90,19 @@ def make_strategy(cfg: Run, trained: list[torch.nn.Parameter] = ()):
     if cfg.trainer.strategy != "fsdp":
         return cfg.trainer.strategy
     from lightning.pytorch.strategies import FSDPStrategy
-    return FSDPStrategy(state_dict_type="sharded", **fsdp_kwargs(trained))
+    return unet_fsdp_strategy(FSDPStrategy)(**fsdp_kwargs(trained))
 
 
 def make_trainer(cfg: Run, sdir: Path, max_steps: int, ckpt_every: int, callbacks=(),
                  trained: list[torch.nn.Parameter] = ()) -> L.Trainer:
     t = cfg.trainer
-    plugins = [] if t.strategy == "fsdp" else [AtomicCheckpointIO()]
     return L.Trainer(
         max_steps=max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
         strategy=make_strategy(cfg, trained), precision=t.precision,
         logger=TensorBoardLogger(sdir.parent, name="tensorboard", version=sdir.name),
         callbacks=[ModelCheckpoint(dirpath=sdir / "checkpoints", save_last=True, save_top_k=0,
                                    every_n_train_steps=ckpt_every), *callbacks],
-        plugins=plugins, log_every_n_steps=t.log_every, enable_progress_bar=t.progress_bar,
+        plugins=[AtomicCheckpointIO()], log_every_n_steps=t.log_every, enable_progress_bar=t.progress_bar,
         enable_model_summary=False, num_sanity_val_steps=0, deterministic=t.accelerator == "cpu")
 
 
@@ -112,6 +144,7 @@ def run(cfg: Run) -> str:
             trainer = make_trainer(cfg, sdir, steps * n, cfg.trainer.ckpt_every * n, world.callbacks(stage.k),
                                    trained)
             trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(sdir))
+            unet = module.unet  # under FSDP the sharded UNet, which the next stages keep using
             meta = {"k": str(stage.k), "rank": str(cfg.lora.rank), "alpha": str(cfg.lora.alpha),
                     "world": cfg.world}
             if trainer.is_global_zero:

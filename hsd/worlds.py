@@ -92,7 +92,8 @@ class SDSamples(L.Callback):
         self.components, self.captions, self.steps, self.res = components, captions, steps, resolution
 
     def on_train_end(self, trainer, module):
-        if trainer.global_rank != 0 or not self.captions:
+        # Under FSDP a forward is collective and the components' UNet is sharded: no samples there.
+        if trainer.global_rank != 0 or not self.captions or "FSDP" in type(trainer.strategy).__name__:
             return
         from diffusers import DDIMScheduler
         from .models.components import pipeline

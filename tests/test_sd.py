@@ -250,6 +250,33 @@ def test_fsdp_settings_on_two_cpu_processes():
     assert all(status == "ok" for status, _, _ in results), r.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_resume_is_exact(strategy, images, tmp_path):
+    """2 gloo processes, discriminator on: 2 updates, stop, resume to 4 == 4 uninterrupted updates, bit for bit.
+    FSDP goes through Lightning's FSDP strategy code (tests/fsdp_lightning_cpu.py lets it run on CPU)."""
+    from safetensors.torch import load_file
+    model = build_components("tiny-sd15").save_pretrained(tmp_path / "model")
+    launcher = [sys.executable, str(ROOT / "tests" / "fsdp_lightning_cpu.py")] if strategy == "fsdp" else HSD
+
+    def train(name: str, iterations: int):
+        r = subprocess.run([*launcher, "train", str(ROOT / "experiments/tiny/sd15.yaml"), f"model.path={model}",
+                            f"data.folder={images}", f"out_dir={tmp_path}", f"name={name}", "trainer.devices=2",
+                            f"trainer.strategy={strategy}", "trainer.ckpt_every=2",
+                            f"tscd.stages=[{{k: 2, grid_steps: 8, iterations: {iterations}, w_adv: 1.0}}]"],
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return tmp_path / name / "lora_stage0_k2.safetensors"
+
+    full = load_file(train("full", 4))
+    cut = train("cut", 2)
+    assert (tmp_path / "cut" / "stage0_k2" / "checkpoints" / "last.ckpt").is_file()
+    for f in cut.parent.glob("lora_stage0_k2*.safetensors"):  # as if the run had died before its stage ended
+        f.unlink()
+    resumed = load_file(train("cut", 4))
+    assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
 def test_8bit_adam_without_bitsandbytes_says_how_to_install():
     from hsd.lit import tscd
     try:

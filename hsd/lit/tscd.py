@@ -7,12 +7,14 @@ Lightning owns devices, precision, sharding, checkpoints and logging.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from contextlib import contextmanager
 
 import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.modules.module import _IncompatibleKeys
 
 from ..config import TSCD, Stage
 from ..diffusion.schedule import NoiseSchedule, add_noise, renoise
@@ -46,7 +48,6 @@ class TSCDModule(L.LightningModule):
         self.ema = EMA(lora_params(unet))
         self.grid = ddim_grid(schedule.T, stage.grid_steps)  # CPU: times are drawn with a CPU generator
         self.automatic_optimization = False
-        self.strict_loading = False  # checkpoints hold only the LoRA, its EMA, the discriminator, optimizers
 
     @property
     def steps_per_update(self) -> int:
@@ -173,19 +174,30 @@ class TSCDModule(L.LightningModule):
             return opt_g
         return [opt_g, _adamw(self.cfg.optimizer)(self.disc.parameters(), lr=self.cfg.adv.lr, betas=(0.0, 0.99))]
 
-    def _checkpoint_keys(self) -> set[str]:
-        keys = {f"unet.{n}" for n in lora_params(self.unet)} | {f"ema.{k}" for k in self.ema.state_dict()}
-        return keys | ({f"disc.{k}" for k in self.disc.state_dict()} if self.disc is not None else set())
+    # ---- checkpoints hold what training changes: the LoRA, its EMA, the discriminator (+ optimizers) ----
+    def trained_tensors(self) -> dict[str, Tensor]:
+        out = {f"unet.{n}": p for n, p in lora_params(self.unet).items()}
+        out |= {f"ema.{k}": v for k, v in self.ema.state_dict(keep_vars=True).items()}
+        if self.disc is not None:
+            out |= {f"disc.{k}": v for k, v in self.disc.state_dict(keep_vars=True).items()}
+        return out
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        keep = self._checkpoint_keys()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Only the trained tensors, read directly: never the frozen weights, and no FSDP gather of them."""
+        out = OrderedDict() if destination is None else destination
+        for k, t in self.trained_tensors().items():
+            out[prefix + k] = t if keep_vars else t.detach()
+        return out
 
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        missing = self._checkpoint_keys() - set(checkpoint["state_dict"])
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        own = self.trained_tensors()
+        missing = sorted(set(own) - set(state_dict))
         if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} LoRA/EMA/discriminator tensors, "
-                           f"e.g. {sorted(missing)[0]}")
+            raise KeyError(f"checkpoint lacks {len(missing)} LoRA/EMA/discriminator tensors, e.g. {missing[0]}")
+        with torch.no_grad():
+            for k, t in own.items():
+                t.copy_(state_dict[k])
+        return _IncompatibleKeys([], [k for k in state_dict if k not in own])
 
 
 class _AdaptersOff:
