@@ -93,7 +93,8 @@ class SDSamples(L.Callback):
 
     def on_train_end(self, trainer, module):
         # Under FSDP a forward is collective and the components' UNet is sharded: no samples there.
-        if trainer.global_rank != 0 or not self.captions or "FSDP" in type(trainer.strategy).__name__:
+        from lightning.pytorch.strategies import FSDPStrategy
+        if trainer.global_rank != 0 or not self.captions or isinstance(trainer.strategy, FSDPStrategy):
             return
         from diffusers import DDIMScheduler
         from .models.components import pipeline

@@ -1,4 +1,4 @@
-"""Two gloo processes on CPU running torch FSDP with hsd's settings (`hsd.train.fsdp_kwargs`) on a tiny UNet.
+"""Two gloo processes on CPU running torch FSDP with hsd's settings (`hsd.lit.strategies.fsdp_kwargs`) on a tiny UNet.
 
 Lightning refuses FSDP on a CPU accelerator, so tests/test_sd.py runs this to check the premises the FSDP
 strategy rests on: the sharded UNet computes what the unsharded one does, the ignored LoRA tensors stay
@@ -21,7 +21,7 @@ def worker(rank: int, world: int, port: str) -> None:
 
     from hsd.models.components import build_components
     from hsd.models.lora import attach_lora, lora_params, unet_lora
-    from hsd.train import fsdp_kwargs
+    from hsd.lit.strategies import fsdp_kwargs
     torch.manual_seed(0)
     unet = build_components("tiny-sd15").unet
     attach_lora(unet, 4, 4)

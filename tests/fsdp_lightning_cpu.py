@@ -12,6 +12,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 import hsd.train
+from hsd.lit.strategies import fsdp_kwargs, unet_fsdp_strategy
 
 
 class CPUFSDPStrategy(FSDPStrategy):
@@ -20,8 +21,8 @@ class CPUFSDPStrategy(FSDPStrategy):
 
 def make_strategy(cfg, trained=()):
     if cfg.trainer.strategy == "fsdp":
-        cls = hsd.train.unet_fsdp_strategy(CPUFSDPStrategy)
-        return cls(**hsd.train.fsdp_kwargs(trained))
+        cls = unet_fsdp_strategy(CPUFSDPStrategy)
+        return cls(**fsdp_kwargs(trained))
     return _make_strategy(cfg, trained)
 
 

@@ -23,7 +23,7 @@ def test_environment_yml_lists_setup_cfg_dependencies():
 
 def test_every_experiment_config_loads():
     """Every YAML resolves to a typed config (SD ones given the paths a user passes on the command line)."""
-    from hsd.train import make_strategy
+    from hsd.lit.strategies import make_strategy
     files = sorted((ROOT / "experiments").rglob("*.yaml"))
     assert len(files) >= 8
     worlds = set()

@@ -43,7 +43,7 @@ class TSCDModule(L.LightningModule):
         self.encoder = encoder  # frozen VAE + text encoders (SD worlds); None when batches hold x0/cond
         self.disc = disc if stage.w_adv > 0 else None
         # Under FSDP every wrapped block must run (no early exit from the UNet), and the trained tensors,
-        # which FSDP ignores (see hsd.train.make_strategy), have their gradients averaged here.
+        # which FSDP ignores (see hsd.lit.strategies), have their gradients averaged here.
         self.fsdp = fsdp
         self.ema = EMA(lora_params(unet))
         self.grid = ddim_grid(schedule.T, stage.grid_steps)  # CPU: times are drawn with a CPU generator

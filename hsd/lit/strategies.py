@@ -1,0 +1,75 @@
+"""Lightning plumbing for TSCD runs: atomic checkpoint files, and the DDP / FSDP strategies."""
+from __future__ import annotations
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ..config import Run
+from ..io import atomic_path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints go to a temp file renamed into place: a crash never leaves a torn last.ckpt."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+def fsdp_kwargs(trained: list[torch.nn.Parameter]) -> dict:
+    """FSDP settings: shard the frozen UNet on its down/mid/up blocks; leave the trained tensors alone.
+
+    The trained tensors (LoRA, discriminator) are few and small: as `ignored_states` they stay whole on every
+    rank like under DDP, so the EMA and its functional_call target work unchanged, and TSCDModule averages
+    their gradients itself. The frozen weights, which are what is big, are sharded (ZeRO-3).
+    """
+    from diffusers.models.unets import unet_2d_blocks as blocks
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    wrap = {getattr(blocks, n) for n in ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
+                                           "CrossAttnUpBlock2D", "UpBlock2D")}
+    return {"auto_wrap_policy": ModuleWrapPolicy(wrap), "use_orig_params": True, "ignored_states": list(trained)}
+
+
+def unet_fsdp_strategy(base):
+    """A Lightning FSDP strategy class that shards only the module's frozen UNet and checkpoints like DDP.
+
+    - It wraps the UNet alone, leaving the LightningModule bare. Lightning runs training_step inside the
+      root FSDP forward, so TSCD's manual backward passes would run before that forward ends, and FSDP then
+      never finalises units whose weights are all frozen (they stay in BACKWARD_PRE and the next state_dict
+      fails). With the UNet as its own root, every UNet call is a whole root forward before any backward.
+    - The trained state (LoRA, EMA, discriminator, their optimizers) is a few MB and the same on every rank,
+      so it is saved and restored as DDP does: one file from rank 0 (through the atomic CheckpointIO).
+    """
+    from lightning.pytorch.strategies import Strategy
+
+    class UNetFSDPStrategy(base):
+        lightning_module_state_dict = Strategy.lightning_module_state_dict
+        optimizer_state = Strategy.optimizer_state
+        save_checkpoint = Strategy.save_checkpoint
+        load_checkpoint = Strategy.load_checkpoint
+        remove_checkpoint = Strategy.remove_checkpoint
+        load_model_state_dict = Strategy.load_model_state_dict
+        load_optimizer_state_dict = Strategy.load_optimizer_state_dict
+        lightning_restore_optimizer = Strategy.lightning_restore_optimizer  # FSDP's loads them itself: we don't
+
+        def _setup_model(self, model):
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            if isinstance(model.unet, FullyShardedDataParallel):  # a later stage: wrapped by the first
+                return model
+            model.unet = FullyShardedDataParallel(
+                model.unet, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy, device_id=self.root_device.index, **self.kwargs)
+            return model
+    return UNetFSDPStrategy
+
+
+def make_strategy(cfg: Run, trained: list[torch.nn.Parameter] = ()):
+    """DDP, or Lightning's FSDP around the frozen UNet (`unet_fsdp_strategy`, `fsdp_kwargs`)."""
+    if cfg.trainer.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+        # G and D are two backward passes of one forward, each leaving the other's parameters unused.
+        return DDPStrategy(find_unused_parameters=True)
+    if cfg.trainer.strategy != "fsdp":
+        return cfg.trainer.strategy
+    from lightning.pytorch.strategies import FSDPStrategy
+    return unet_fsdp_strategy(FSDPStrategy)(**fsdp_kwargs(trained))
