@@ -81,32 +81,37 @@ def _losses(trainer_fn):
     return rec.losses
 
 
-def test_resume_reproduces_uninterrupted_losses(world, tmp_path):
-    def run(out, max_steps, ckpt=None, rec=None):
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_resume_reproduces_uninterrupted_losses(world, tmp_path, accumulate):
+    """7 updates (of `accumulate` micro-batches each) uninterrupted == 3 updates, stop, resume to 7."""
+    def run(out, updates, ckpt=None, rec=None):
         teacher = load_teacher()
         from hsd.models.lora import attach_lora
         from hsd.diffusion.schedule import NoiseSchedule
         cfg = load_config([], ["tscd.stages=[{k: 2, grid_steps: 16, iterations: 7}]", "tscd.batch_size=8",
-                               "trainer.ckpt_every=3", "trainer.progress_bar=false"])
+                               f"tscd.accumulate={accumulate}", "trainer.progress_bar=false"])
         L.seed_everything(0, verbose=False)  # LoRA A is drawn at random: seed before attaching
         attach_lora(teacher.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
         emb = teacher.encode(world.prompts + [""])
         module = TSCDModule(teacher.unet, NoiseSchedule.from_scheduler(teacher.scheduler),
                             cfg.tscd.stages[0], cfg.tscd, seed=5)
-        trainer = make_trainer(cfg, out / "stage0_k2", max_steps, 3, [rec])
-        trainer.fit(module, datamodule=LabData(world, emb[:-1], emb[-1:], 8, 7, seed=5), ckpt_path=ckpt)
+        trainer = make_trainer(cfg, out / "stage0_k2", updates, 3, [rec])
+        data = LabData(world, emb[:-1], emb[-1:], 8, 7 * accumulate, seed=5,
+                       start_fn=lambda tr: module.batches_done(tr.global_step))
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt)
+        assert trainer.global_step == updates  # optimizer updates, not micro-batches
         return module
 
     # 3 done of 7: the remaining 4 differ from the 3 done, so an epoch cut short or replayed would show.
     full = _losses(lambda rec: run(tmp_path / "a", 7, rec=rec))
     first = _losses(lambda rec: run(tmp_path / "b", 3, rec=rec))
     ckpt = tmp_path / "b" / "stage0_k2" / "checkpoints" / "last.ckpt"
-    assert ckpt.exists() and sorted(first) == [0, 1, 2]
+    assert ckpt.exists() and sorted(first) == list(range(3 * accumulate))
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert all("lora_" in k or k.startswith("ema.") for k in state)  # no frozen teacher weights
     rest = _losses(lambda rec: run(tmp_path / "b", 7, ckpt=ckpt, rec=rec))
-    assert sorted(rest) == [3, 4, 5, 6]
-    for i in range(7):
+    assert sorted(rest) == list(range(3 * accumulate, 7 * accumulate))
+    for i in range(7 * accumulate):
         assert (first | rest)[i] == pytest.approx(full[i], rel=1e-6, abs=1e-9), i
 
 
