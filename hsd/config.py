@@ -215,6 +215,9 @@ def _validate(run: Run) -> None:
         raise ConfigError("tscd.accumulate must be >= 1")
     if run.trainer.strategy not in ("auto", "ddp", "fsdp"):
         raise ConfigError(f"trainer.strategy must be auto, ddp or fsdp, got {run.trainer.strategy!r}")
+    if run.model.frozen_dtype != "float32" and "mixed" not in run.trainer.precision:
+        raise ConfigError(f"model.frozen_dtype={run.model.frozen_dtype} needs autocast: set trainer.precision to "
+                          f"bf16-mixed or 16-mixed (got {run.trainer.precision!r})")
     if run.world != "lab":
         if not run.model.path:
             raise ConfigError(f"world {run.world!r} needs model.path: a local diffusers folder or .safetensors file")

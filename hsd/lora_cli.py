@@ -1,7 +1,6 @@
 """`hsd lora merge|convert|info`: LoRA files for the tools people use (diffusers, ComfyUI, A1111, kohya)."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 

@@ -51,6 +51,12 @@ def test_unknown_config_key_is_named(tmp_path):
         load_config([], ["tscd.loss=l1"])
 
 
+def test_frozen_half_weights_need_autocast():
+    with pytest.raises(ConfigError, match="frozen_dtype=bfloat16 needs autocast"):
+        load_config([], ["model.frozen_dtype=bfloat16"])
+    assert load_config([], ["model.frozen_dtype=bfloat16", "trainer.precision=bf16-mixed"])
+
+
 def test_cli_reports_bad_key_and_missing_teacher(tmp_path):
     hsd = [sys.executable, "-m", "hsd.cli"]
     r = subprocess.run([*hsd, "lab", "tscd.lrr=1"], capture_output=True, text=True, cwd=ROOT)

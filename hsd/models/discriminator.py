@@ -7,7 +7,6 @@ of this module; gradient still flows through it to the generator's sample.
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 
