@@ -101,7 +101,9 @@ class SDSamples(L.Callback):
         pipe = pipeline(self.components)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
         pipe.set_progress_bar_config(disable=True)
-        with torch.no_grad():
+        # Frozen weights may be bf16 beside an fp32 VAE and LoRA: autocast lets the pipeline mix them.
+        half = module.unet.dtype != torch.float32
+        with torch.no_grad(), torch.autocast(module.device.type, dtype=module.unet.dtype, enabled=half):
             x = pipe(self.captions, num_inference_steps=self.steps, guidance_scale=0.0, height=self.res,
                      width=self.res, output_type="pt", generator=torch.Generator().manual_seed(0)).images
         _log_image(trainer, f"samples/k{module.stage.k}_{self.steps}step", make_grid(x.float().cpu(), nrow=4))

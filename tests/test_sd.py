@@ -230,6 +230,17 @@ def test_hsd_train_every_stage_exports_both_formats(model_dir, images, tmp_path)
 
 
 @pytest.mark.slow
+def test_recipe_precision_bf16_frozen_weights_with_fp32_vae(model_dir, images, tmp_path):
+    """The shipped recipes' precision (bf16 frozen weights, bf16-mixed, fp32 VAE) trains and samples."""
+    world = "sdxl" if "sdxl" in str(model_dir) else "sd15"
+    r = _train([str(ROOT / f"experiments/tiny/{world}.yaml"), f"model.path={model_dir}", f"data.folder={images}",
+                f"out_dir={tmp_path}", "name=bf16", "model.frozen_dtype=bfloat16", "trainer.precision=bf16-mixed",
+                "tscd.stages=[{k: 2, grid_steps: 8, iterations: 2, w_adv: 1.0}]"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list((tmp_path / "bf16" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu(images, tmp_path):
     model = build_components("tiny-sd15").save_pretrained(tmp_path / "model")
     r = _train([str(ROOT / "experiments/tiny/sd15.yaml"), f"model.path={model}", f"data.folder={images}",
