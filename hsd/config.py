@@ -21,6 +21,7 @@ class ConfigError(ValueError):
 
 
 WORLDS = ("lab", "sd15", "sdxl")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -215,6 +216,9 @@ def _validate(run: Run) -> None:
         raise ConfigError("tscd.accumulate must be >= 1")
     if run.trainer.strategy not in ("auto", "ddp", "fsdp"):
         raise ConfigError(f"trainer.strategy must be auto, ddp or fsdp, got {run.trainer.strategy!r}")
+    for key in ("vae_dtype", "frozen_dtype"):
+        if getattr(run.model, key) not in DTYPES:
+            raise ConfigError(f"model.{key} must be one of {', '.join(DTYPES)}, got {getattr(run.model, key)!r}")
     if run.model.frozen_dtype != "float32" and "mixed" not in run.trainer.precision:
         raise ConfigError(f"model.frozen_dtype={run.model.frozen_dtype} needs autocast: set trainer.precision to "
                           f"bf16-mixed or 16-mixed (got {run.trainer.precision!r})")

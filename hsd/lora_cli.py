@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .pipelines.generate import parse_lora
+
 FORMATS = ("diffusers", "kohya")  # = lora_formats.FORMATS; torch and peft load only when a command runs
 
 
@@ -12,7 +14,7 @@ def add_lora_commands(subparsers) -> None:
     sub = lora.add_subparsers(dest="lora_command", required=True)
 
     merge = sub.add_parser("merge", help="combine LoRAs at weights into one exact LoRA file, or fuse them into a UNet")
-    merge.add_argument("inputs", nargs="+", type=file_weight, metavar="FILE:WEIGHT",
+    merge.add_argument("inputs", nargs="+", type=parse_lora, metavar="FILE:WEIGHT",
                        help="LoRA file and its weight (default 1), e.g. Hyper-SD15-8steps-lora.safetensors:0.8")
     merge.add_argument("--out", required=True, type=Path, help="LoRA file, or with --unet the fused UNet folder")
     merge.add_argument("--format", choices=FORMATS, default="kohya", help="layout of the merged LoRA file (no --unet)")
@@ -29,15 +31,6 @@ def add_lora_commands(subparsers) -> None:
     info = sub.add_parser("info", help="print a LoRA file's layout, ranks, alphas, module count and metadata")
     info.add_argument("file", type=Path)
     info.set_defaults(fn=run_info)
-
-
-def file_weight(text: str) -> tuple[Path, float]:
-    """Parse "a.safetensors:0.5"; without a numeric ":WEIGHT" suffix the weight is 1 (so "C:\\x.safetensors" works)."""
-    path, sep, weight = text.rpartition(":")
-    try:
-        return (Path(path), float(weight)) if sep else (Path(text), 1.0)
-    except ValueError:
-        return Path(text), 1.0
 
 
 def run_convert(args) -> None:

@@ -71,8 +71,8 @@ def run(cfg: Run) -> str:
             module = TSCDModule(unet, world.schedule, stage, cfg.tscd, seed=cfg.seed * 100 + i,
                                 encoder=world.encoder, disc=disc, fsdp=cfg.trainer.strategy == "fsdp")
             n = module.steps_per_update
-            data = world.data(steps, cfg.seed * 100 + i, lambda tr, m=module: m.batches_done(tr.global_step) if tr else 0)
-            trained = list(lora_io.lora_params(unet).values()) + (list(disc.parameters()) if disc else [])
+            data = world.data(steps * cfg.tscd.accumulate, cfg.seed * 100 + i, lambda tr, m=module: m.batches_done(tr.global_step) if tr else 0)
+            trained = list(lora_io.lora_params(unet).values())
             trainer = make_trainer(cfg, sdir, steps * n, cfg.trainer.ckpt_every * n, world.callbacks(stage.k),
                                    trained)
             trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(sdir))

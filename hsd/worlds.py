@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torchvision.utils import make_grid
 
-from .config import ConfigError, Run
+from .config import Run
 from .diffusion.schedule import NoiseSchedule
 from .lab.evaluate import LabEvaluator, save_grid, write_table
 from .lab.teacher import DEFAULT_TEACHER, load_teacher
@@ -49,9 +49,8 @@ class Lab:
         self.emb = teacher.encode(self.world.prompts + [""])
         self.evaluator = LabEvaluator(self.world, teacher, cfg.lab)
 
-    def data(self, steps: int, seed: int, start_fn) -> L.LightningDataModule:
-        t = self.cfg.tscd
-        return LabData(self.world, self.emb[:-1], self.emb[-1:], t.batch_size, steps * t.accumulate, seed, start_fn)
+    def data(self, batches: int, seed: int, start_fn) -> L.LightningDataModule:
+        return LabData(self.world, self.emb[:-1], self.emb[-1:], self.cfg.tscd.batch_size, batches, seed, start_fn)
 
     def callbacks(self, k: int) -> list[L.Callback]:
         return [LabSamples(self.evaluator, k)]
@@ -96,10 +95,10 @@ class SDSamples(L.Callback):
         from lightning.pytorch.strategies import FSDPStrategy
         if trainer.global_rank != 0 or not self.captions or isinstance(trainer.strategy, FSDPStrategy):
             return
-        from diffusers import DDIMScheduler
         from .models.components import pipeline
+        from .pipelines.generate import recipe_scheduler
         pipe = pipeline(self.components)
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+        pipe.scheduler = recipe_scheduler("ddim", pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         # Frozen weights may be bf16 beside an fp32 VAE and LoRA: autocast lets the pipeline mix them.
         half = module.unet.dtype != torch.float32
@@ -109,9 +108,6 @@ class SDSamples(L.Callback):
         _log_image(trainer, f"samples/k{module.stage.k}_{self.steps}step", make_grid(x.float().cpu(), nrow=4))
 
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 class SD:
     """SD1.5 / SDXL from the user's local weights; image-text pairs from shards or a folder."""
 
@@ -119,12 +115,9 @@ class SD:
         from .models.components import check_family, load_components
         from .models.conditioning import LatentEncoder, TextConditioner
         self.cfg, m = cfg, cfg.model
-        for key in ("vae_dtype", "frozen_dtype"):
-            if getattr(m, key) not in DTYPES:
-                raise ConfigError(f"model.{key} must be one of {', '.join(DTYPES)}, got {getattr(m, key)!r}")
         self.components = c = load_components(m.path, m.vae, m.config)
         check_family(c, cfg.world, m.path)
-        frozen = DTYPES[m.frozen_dtype]
+        frozen = getattr(torch, m.frozen_dtype)
         self.unet = c.unet.to(frozen)
         for enc in c.text_encoders:
             enc.to(frozen)
@@ -132,13 +125,13 @@ class SD:
             self.unet.enable_gradient_checkpointing()
         self.schedule = NoiseSchedule.from_scheduler(c.scheduler)
         text = TextConditioner(c.family, c.text_encoders, c.tokenizers)
-        self.encoder = LatentEncoder(c.vae, text, m.resolution, DTYPES[m.vae_dtype])
+        self.encoder = LatentEncoder(c.vae, text, m.resolution, getattr(torch, m.vae_dtype))
 
-    def data(self, steps: int, seed: int, start_fn) -> L.LightningDataModule:
+    def data(self, batches: int, seed: int, start_fn) -> L.LightningDataModule:
         from .data import ImageTextData
-        d, t = self.cfg.data, self.cfg.tscd
+        d = self.cfg.data
         return ImageTextData(shards=d.shards, folder=d.folder, resolution=self.cfg.model.resolution,
-                             batch_size=t.batch_size, steps=steps * t.accumulate, seed=seed, crop=d.crop,
+                             batch_size=self.cfg.tscd.batch_size, steps=batches, seed=seed, crop=d.crop,
                              flip=d.flip, num_workers=d.num_workers, start_fn=start_fn)
 
     def callbacks(self, k: int) -> list[L.Callback]:

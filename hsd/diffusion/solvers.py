@@ -33,7 +33,7 @@ def cfg(eps_uncond: Tensor, eps_cond: Tensor, w: Tensor | float) -> Tensor:
 
 def guided_eps(eps_fn: EpsFn, x_t: Tensor, t: Tensor, cond, uncond, w) -> Tensor:
     """Cond and uncond in one batched forward (half the kernel launches of two calls)."""
-    both = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), _cat_cond(uncond, cond))
+    both = eps_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(uncond, cond))
     eps_u, eps_c = both.chunk(2)
     return cfg(eps_u, eps_c, w)
 
@@ -44,8 +44,8 @@ def teacher_step(sched: NoiseSchedule, eps_fn: EpsFn, x_t: Tensor, t: Tensor, s:
     return ddim_step(sched, x_t, guided_eps(eps_fn, x_t, t, cond, uncond, w), t, s)
 
 
-def _cat_cond(a, b):
+def cat_cond(a, b):
     """Concatenate conditioning along the batch: tensors, or dicts of tensors (SDXL added conds)."""
     if isinstance(a, dict):
-        return {k: _cat_cond(a[k], b[k]) for k in a}
+        return {k: cat_cond(a[k], b[k]) for k in a}
     return torch.cat([a, b])

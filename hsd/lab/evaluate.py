@@ -6,12 +6,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, TCDScheduler
 from torchvision.utils import save_image
 
 from ..config import Lab
 from ..diffusion.solvers import guided_eps
 from ..io import atomic_path
+from ..pipelines.generate import recipe_scheduler
 from .ode import exact_ode
 from .teacher import Teacher
 from .world import LabWorld, metrics
@@ -56,17 +56,11 @@ class LabEvaluator:
         ab_T = float(teacher.scheduler.alphas_cumprod[-1])
         self.reference = exact_ode(world, self.x_T, self.labels, cfg.eval_guidance, ab_T, steps=100).float()
 
-    def ddim(self):
-        return DDIMScheduler.from_config(self.teacher.scheduler.config, timestep_spacing="trailing")
-
-    def tcd(self):
-        return TCDScheduler.from_config(self.teacher.scheduler.config)
-
     def row(self, name: str, unet, steps: int, kind: str, guided: bool = False) -> tuple[Row, torch.Tensor]:
         if kind == "ddim":
-            sch, kw, label = self.ddim(), {}, "DDIM trailing"
+            sch, kw, label = recipe_scheduler("ddim", self.teacher.scheduler.config), {}, "DDIM trailing"
         else:
-            sch, kw = self.tcd(), {"eta": self.cfg.tcd_eta, "generator": torch.Generator().manual_seed(0)}
+            sch, kw = recipe_scheduler("tcd", self.teacher.scheduler.config), {"eta": self.cfg.tcd_eta, "generator": torch.Generator().manual_seed(0)}
             label = f"TCD eta={self.cfg.tcd_eta}"
         w = self.cfg.eval_guidance if guided else 1.0
         x = sample(unet, sch, self.x_T, self.cond, self.uncond, w, steps, **kw)

@@ -19,7 +19,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from ..config import TSCD, Stage
 from ..diffusion.schedule import NoiseSchedule, add_noise, renoise
 from ..diffusion.segments import ddim_grid, sample_times
-from ..diffusion.solvers import ddim_step, teacher_step
+from ..diffusion.solvers import cat_cond, ddim_step, teacher_step
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.consistency import tscd_loss
 from ..models.discriminator import FeatureDiscriminator, encoder_features
@@ -69,7 +69,8 @@ class TSCDModule(L.LightningModule):
         return functional_call(self.unet, self.ema.tensors(), (x, t), unet_kwargs(cond), strict=False).sample
 
     def teacher(self):
-        return _AdaptersOff(self.unet)
+        """Context: the UNet runs as the frozen teacher (peft adapters off), restored on exit."""
+        return _adapters_off(self.unet)
 
     def tscd_pair(self, batch: dict, g: torch.Generator) -> tuple[Tensor, Tensor, dict]:
         """(student prediction, target), both projected to t_end (Eq. 14), and the draws that made them.
@@ -135,7 +136,7 @@ class TSCDModule(L.LightningModule):
     def _discriminator_update(self, opt, real: Tensor, fake: Tensor, t: Tensor, cond, update: bool) -> None:
         with torch.no_grad(), self.teacher():  # frozen features need no graph: only the heads learn
             feats = encoder_features(self.unet, torch.cat([real, fake]), torch.cat([t, t]),
-                                     unet_kwargs(_cat2(cond)), not self.fsdp)  # one batched forward
+                                     unet_kwargs(cat_cond(cond, cond)), not self.fsdp)  # one batched forward
         r, f = zip(*(logit.chunk(2) for logit in self.disc(feats)))
         loss = d_loss(list(r), list(f), self.cfg.adv.loss)
         self.manual_backward(loss / self.cfg.accumulate)
@@ -200,17 +201,13 @@ class TSCDModule(L.LightningModule):
         return _IncompatibleKeys([], [k for k in state_dict if k not in own])
 
 
-class _AdaptersOff:
-    """Context: the UNet runs as the frozen teacher (peft adapters disabled), restored on exit."""
-
-    def __init__(self, unet):
-        self.unet = unet
-
-    def __enter__(self):
-        self.unet.disable_adapters()
-
-    def __exit__(self, *exc):
-        self.unet.enable_adapters()
+@contextmanager
+def _adapters_off(unet):
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
 
 
 @contextmanager
@@ -223,12 +220,6 @@ def _no_checkpointing(unet):
     finally:
         if was:
             unet.enable_gradient_checkpointing()
-
-
-def _cat2(cond):
-    if isinstance(cond, dict):
-        return {k: _cat2(v) for k, v in cond.items()}
-    return torch.cat([cond, cond])
 
 
 def _adamw(kind: str):

@@ -17,6 +17,7 @@ class TextConditioner(nn.Module):
         super().__init__()
         self.family, self.tokenizers = family, tokenizers
         self.encoders = nn.ModuleList(text_encoders).requires_grad_(False).eval()
+        self._empty: Tensor | None = None  # SD1.5's empty-prompt embedding, encoded once per device
 
     def _ids(self, tok, captions: list[str]) -> Tensor:
         return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -44,7 +45,7 @@ class TextConditioner(nn.Module):
         SDXL pipeline and the LCM-LoRA SDXL script do), the same size numbers."""
         B = cond["encoder_hidden_states"].shape[0]
         if self.family == "sd15":  # constant: encoded once, then broadcast
-            if getattr(self, "_empty", None) is None or self._empty.device != cond["encoder_hidden_states"].device:
+            if self._empty is None or self._empty.device != cond["encoder_hidden_states"].device:
                 self._empty = self([""])["encoder_hidden_states"]
             return {"encoder_hidden_states": self._empty.expand(B, -1, -1)}
         add = cond["added_cond_kwargs"]

@@ -92,7 +92,7 @@ def load_generator(model: str | Path, lora: list[tuple[str | Path, float]] = (),
         pipe.to(dtype=getattr(torch, dtype))
     pipe.set_progress_bar_config(disable=True)       # callers show one bar over images, not one per batch
     if scheduler != "default":
-        pipe.scheduler = _scheduler(scheduler, pipe.scheduler.config)
+        pipe.scheduler = recipe_scheduler(scheduler, pipe.scheduler.config)
     takes_eta = "eta" in inspect.signature(pipe.scheduler.step).parameters
     eta = (DEFAULT_ETA.get(scheduler, 0.0) if eta is None else eta) if takes_eta else None
     sources = dict(model=str(model), lora=[dict(path=str(p), weight=float(w)) for p, w in lora],
@@ -100,7 +100,8 @@ def load_generator(model: str | Path, lora: list[tuple[str | Path, float]] = (),
     return ImageGenerator(pipe, scheduler, eta, sources)
 
 
-def _scheduler(name: str, config):
+def recipe_scheduler(name: str, config):
+    """The release recipe's scheduler ("ddim" trailing, "tcd", "lcm") built from a model's scheduler config."""
     from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
     if name == "ddim":
         return DDIMScheduler.from_config(config, timestep_spacing="trailing")
