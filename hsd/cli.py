@@ -1,4 +1,4 @@
-"""`hsd`: the one entry point. train | generate | lora | lab | lab-teacher | ablate | random-model."""
+"""`hsd`: the one entry point. train | generate | eval | lora | lab | lab-teacher | ablate | random-model | random-scorers."""
 from __future__ import annotations
 
 import argparse
@@ -69,10 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     rm.add_argument("out")
     rm.add_argument("--seed", type=int, default=0)
     rm.set_defaults(fn=cmd_random_model)
+    from eval.cli import add_eval_commands
     from .lora_cli import add_lora_commands
     from .pipelines.generate import add_generate_command
     add_generate_command(sub)
     add_lora_commands(sub)
+    add_eval_commands(sub)
     args = p.parse_args(argv)
     from .config import ConfigError
     from .lab.teacher import MissingTeacherError

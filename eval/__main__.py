@@ -1,0 +1,4 @@
+"""`python -m eval ARGS` is `hsd eval ARGS`."""
+from .cli import main
+
+main()
