@@ -63,7 +63,8 @@ def reference_clip(scorers, jobs, batch):
     def processor(images=None, text=None, **_):
         if images is not None:
             return {"pixel_values": torch.stack([preprocess(to_pil_image(i)) for i in images])}
-        return {"input_ids": tokenizer(text), "attention_mask": None}
+        ids = tokenizer(text)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     metric = CLIPScore(model_name_or_path=lambda: (Model(), processor))
     for k in range(0, len(jobs), batch):
@@ -151,7 +152,8 @@ def main() -> None:
     t, aes = timed(lambda: reference_aesthetic(scorers, jobs))
     rows.append(("Aes (predictor snippet)", t, max(abs(a - r["Aes"]) for a, r in zip(aes, records))))
     t, pick = timed(lambda: reference_pickscore(scorers, jobs, weights))
-    rows.append(("PickScore (README code)", t, max(abs(a - r["PickScore_raw"]) for a, r in zip(pick, records))))
+    scale = scorers["PickScore"].scale         # compared as cosines: the raw score is exp(logit_scale) times it
+    rows.append(("PickScore (README code)", t, max(abs(a / scale - r["PickScore"]) for a, r in zip(pick, records))))
     if not args.no_imagereward_reference:
         t, ir = reference_imagereward(weights, jobs, args.reference_env, args.threads)
         rows.append(("ImageReward (package loop)", t, max(abs(a - r["ImageReward"]) for a, r in zip(ir, records))))

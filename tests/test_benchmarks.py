@@ -26,3 +26,11 @@ def test_sd_memory_benchmark_runs_checkpointing_with_discriminator_in_bf16():
     rows = [l for l in out.splitlines() if l.startswith("| 1 |")]
     assert len(rows) == 2 and "OOM" not in out
     assert re.search(r"1-step generation: .* ratio \d+\.\d+", out)
+
+
+def test_eval_pass_benchmark_prints_ratio_and_identical_scores(tmp_path):
+    out = _run("eval_pass.py", "--size", "tiny", "--n", "4", "--batch", "2", "--threads", "1",
+               "--no-imagereward-reference", "--weights", str(tmp_path / "scorers"))
+    assert re.search(r"ratio \d+\.\d+", out)
+    diffs = [float(d) for d in re.findall(r"\| (\d\.\d+e[-+]\d+) \|", out)]
+    assert len(diffs) == 3 and max(diffs) < 1e-4

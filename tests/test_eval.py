@@ -307,3 +307,15 @@ def test_experiment_specs_name_paper_rows():
             assert spec.model.startswith("models/") and spec.key()
             matched += paper_row(spec.paper or spec.name, spec.steps, spec.type) is not None
     assert matched == 12      # SD15: base, 1-step, unified 2/4/8; SDXL: base, 4-step, 1-step UNet, unified 1/2/4/8
+
+
+def test_differentiable_crop_tracks_the_pil_crop():
+    """`resize_crop` (the training rewards' path) is close to the evaluation crop and passes gradients."""
+    from eval.images import resize_crop
+    image = _images(1, 512)[0].resize((512, 384))
+    x = to_unit(pil_to_tensor(image)[None]).requires_grad_(True)
+    ours = resize_crop(x)
+    assert ours.shape == (1, 3, 224, 224)
+    assert (ours - to_unit(crop224(image)[None])).abs().mean() < 5e-3   # about one uint8 level
+    ours.sum().backward()
+    assert x.grad.abs().sum() > 0
