@@ -96,10 +96,11 @@ class Store:
     """One spec's folder: spec.json, images/, scores.jsonl."""
 
     def __init__(self, root: Path, spec: ModelSpec, fingerprint: str):
-        self.dir = root / f"{spec.name}-{spec.key()}".replace("/", "_")
+        self.dir = root / f"{spec.name}-{spec.key()}".replace("/", "_").replace(" ", "_")
         self.images = self.dir / "images"
         self.images.mkdir(parents=True, exist_ok=True)
-        (self.dir / "spec.json").write_text(json.dumps(asdict(spec), indent=1))
+        with atomic_path(self.dir / "spec.json") as tmp:
+            Path(tmp).write_text(json.dumps(asdict(spec), indent=1))
         self.scores_path = self.dir / "scores.jsonl"
         self.fingerprint = fingerprint
         self.records = read_records(self.scores_path, fingerprint)

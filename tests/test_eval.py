@@ -22,7 +22,7 @@ from eval.coco import coco5k, coco_captions, prompts_sha256
 from eval.images import check_unit, crop224, normalize, to_unit
 from eval.random_weights import write_random_scorers
 from eval.run import ModelSpec, run_eval
-from eval.scorers import AES_HEAD, AestheticHead, ClipScorer, load_scorers, score_batch
+from eval.scorers import AES_HEAD, ClipScorer, load_scorers, score_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon, highly detailed",

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from torchvision.transforms import CenterCrop, InterpolationMode, Resize
-from torchvision.transforms.functional import pil_to_tensor
 
 from eval.imagereward import (ImageRewardScorer, imagereward_key_map, imagereward_official_shapes,
                               load_imagereward, med_config_for, random_imagereward_state_dict,
                               synthetic_bert_vocab, synthetic_image, write_bert_vocab)
 from eval.imagereward_weights import tensor_sha256
+from eval.images import crop224 as shared_crop
+from eval.images import to_unit
 
 FIXTURE = Path(__file__).parent / "fixtures" / "imagereward_golden.json"
 TINY_VISION = dict(width=64, depth=2)
@@ -31,9 +31,9 @@ def write_test_bert_vocab(folder: Path, vocab: list[str] | None = None) -> int:
 
 
 def crop224(image: Image.Image) -> torch.Tensor:
-    """The package's preprocessing up to ToTensor: PIL bicubic short-side resize to 224, centre crop, [0, 1]."""
-    image = CenterCrop(224)(Resize(224, interpolation=InterpolationMode.BICUBIC)(image.convert("RGB")))
-    return pil_to_tensor(image).float() / 255
+    """The eval pass's shared crop (eval/images.py), as float in [0, 1]: what the package's preprocessing does
+    before its normalisation."""
+    return to_unit(shared_crop(image)[None])[0]
 
 
 def _files(folder: Path, med: dict, sd: dict) -> tuple[Path, Path, Path]:
