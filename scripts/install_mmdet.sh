@@ -12,7 +12,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-PIP=(.venv/bin/pip install -q)
+# pip names every local index folder that lacks a package; keep its real messages only
+quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+PIP=(quiet .venv/bin/pip install -q)
 MMCV=2.1.0
 KEY=$($PY -c 'import sys, torch; print("torch%s-py%d%d" % (torch.__version__.split("+")[0], *sys.version_info[:2]))')
 [ "${FORCE_CUDA:-0}" = 1 ] && KEY="$KEY-cuda"
@@ -24,12 +26,12 @@ if ! ls "$CACHE"/mmcv-$MMCV-*.whl >/dev/null 2>&1; then
   work=$(mktemp -d)
   trap 'rm -rf "$work"' EXIT
   "${PIP[@]}" ninja 'setuptools>=77.0.3,<81' wheel
-  .venv/bin/pip download -q --no-deps --no-binary :all: "mmcv==$MMCV" -d "$work" 2> >(grep -v "is ignored" >&2)
+  quiet .venv/bin/pip download -q --no-deps --no-binary :all: "mmcv==$MMCV" -d "$work"
   tar xzf "$work/mmcv-$MMCV.tar.gz" -C "$work"
   sed -i 's/-std=c++1[47]/-std=c++20/g' "$work/mmcv-$MMCV/setup.py"
   grep -q -- "-std=c++20" "$work/mmcv-$MMCV/setup.py" || { echo "install_mmdet: the C++20 patch did not apply" >&2; exit 1; }
   PATH="$PWD/.venv/bin:$PATH" MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
-    .venv/bin/pip wheel -q --no-deps --no-build-isolation "$work/mmcv-$MMCV" -w "$work/dist"
+    quiet .venv/bin/pip wheel -q --no-deps --no-build-isolation "$work/mmcv-$MMCV" -w "$work/dist"
   cp "$work"/dist/mmcv-$MMCV-*.whl "$CACHE/"
   echo "mmcv $MMCV built in $(( $(date +%s) - start )) s"
 fi
