@@ -33,7 +33,7 @@ Official key -> our key (`imagereward_key_map`):
   blip.visual_encoder.blocks.N.mlp.fc{1,2}.*    vision.encoder.layers.N.mlp.fc{1,2}.*
   blip.visual_encoder.norm.*                    vision.post_layernorm.*
   blip.text_encoder.<rest>                      text.<rest>   (BlipTextModel kept med.py's names)
-  mlp.layers.{0,2,4,6,7}.*                      head.{0,2,4,6,7}.*
+  mlp.layers.{0,2,4,6,7}.*                      head.layers.{0,2,4,6,7}.*
   dropped: blip.text_encoder.embeddings.position_ids (a non-persistent arange in HF), blip.vision_proj/text_proj/
            itm_head, momentum copies (*_m), queues, temp, blip.text_decoder, a text pooler.
 """
@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .images import MEAN, STD, check_unit
+from .images import normalize
+from .scorers import ScoreHead
 from .imagereward_weights import (MED_CONFIG, imagereward_official_shapes, med_config_for,
                                   random_imagereward_state_dict, synthetic_bert_vocab, synthetic_image,
                                   write_bert_vocab)
@@ -98,14 +99,8 @@ def imagereward_key_map(state_dict: Mapping[str, object]) -> dict[str, str | Non
         else:
             m = re.fullmatch(r"mlp\.layers\.(\d+)\.(weight|bias)", key)
             if m:
-                out[key] = f"head.{m[1]}.{m[2]}"
+                out[key] = f"head.layers.{m[1]}.{m[2]}"
     return out
-
-
-def reward_head(width: int = 768) -> nn.Sequential:
-    """The ImageReward MLP; dropouts (inactive in eval) keep the official indices 0, 2, 4, 6, 7 of the linears."""
-    return nn.Sequential(nn.Linear(width, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                         nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
 
 
 class ImageRewardScorer(nn.Module):
@@ -124,12 +119,10 @@ class ImageRewardScorer(nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.image_size = int(vision.config.image_size)
-        self.register_buffer("pixel_mean", torch.tensor(MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(STD).view(1, 3, 1, 1), persistent=False)
 
     @property
     def device(self) -> torch.device:
-        return self.pixel_mean.device
+        return self.head.layers[0].weight.device
 
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         if isinstance(prompts, str):
@@ -140,7 +133,6 @@ class ImageRewardScorer(nn.Module):
                 "attention_mask": enc["attention_mask"].to(self.device)}
 
     def forward(self, pixels: torch.Tensor, prompts: list[str] | Mapping[str, torch.Tensor]) -> torch.Tensor:
-        check_unit(pixels)
         b, _, h, w = pixels.shape
         if (h, w) != (self.image_size, self.image_size):
             raise ValueError(f"{NAME} takes {self.image_size}x{self.image_size} crops, got {h}x{w} "
@@ -153,7 +145,7 @@ class ImageRewardScorer(nn.Module):
         if ids.shape[0] != b:
             raise ValueError(f"{NAME}: {b} images but {ids.shape[0]} prompts")
 
-        x = (pixels.to(self.pixel_mean.device, torch.float32) - self.pixel_mean) / self.pixel_std
+        x = normalize(pixels.to(self.device, torch.float32))       # refuses anything but [0, 1] floats
         dtype = self.vision.embeddings.patch_embedding.weight.dtype
         image_embeds = self.vision(pixel_values=x.to(dtype)).last_hidden_state
         image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
@@ -254,7 +246,7 @@ def load_imagereward(checkpoint: str | Path, med_config: str | Path | Mapping, t
     with torch.device("meta"):  # no random init: every parameter comes from the checkpoint
         vision = BlipVisionModel(vcfg)
         text = BlipTextModel(tcfg, add_pooling_layer=False)
-        head = reward_head(tcfg.hidden_size)
+        head = ScoreHead(tcfg.hidden_size)
     scorer = ImageRewardScorer(vision, text, head, _tokenizer(tokenizer_dir))
 
     names = imagereward_key_map(sd)
@@ -271,10 +263,8 @@ def load_imagereward(checkpoint: str | Path, med_config: str | Path | Mapping, t
                          + (f"; unexpected: {_few(unexpected)}" if unexpected else "")
                          + (f"; wrong shapes: {_few(wrong, 3)}" if wrong else ""))
     scorer.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=True, assign=True)
-    # non-persistent buffers built on meta: the text position ids and our normalisation constants
+    # a non-persistent buffer built on meta: the text position ids
     text.embeddings.position_ids = torch.arange(tcfg.max_position_embeddings).expand((1, -1))
-    scorer.pixel_mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    scorer.pixel_std = torch.tensor(STD).view(1, 3, 1, 1)
     for name, buf in scorer.named_buffers():
         if buf.is_meta:
             raise RuntimeError(f"{NAME}: buffer {name} was not materialised")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import clip
-from .scorers import AES_HEAD, AestheticHead
+from .scorers import AES_HEAD, ScoreHead
 
 # laion/CLIP-ViT-H-14-laion2B-s32B-b79K, the backbone PickScore_v1 fine-tunes
 PICKSCORE_REAL = dict(projection_dim=1024,
@@ -34,7 +34,7 @@ def write_random_scorers(out: str | Path, size: str = "tiny", seed: int = 0) -> 
     clip.save_clip(clip.build_clip(b32, seed), b32, out / "clip")
     clip.save_clip(clip.build_clip(l14, seed + 1), l14, out / "aesthetic" / "clip")
     torch.manual_seed(seed + 2)
-    torch.save(AestheticHead().state_dict(), out / "aesthetic" / AES_HEAD)
+    torch.save(ScoreHead().state_dict(), out / "aesthetic" / AES_HEAD)
     write_random_pickscore(out / "pickscore", PICKSCORE_REAL if size == "real" else PICKSCORE_TINY, seed + 3)
     write_random_imagereward(out / "imagereward", size, seed + 4)
     return out

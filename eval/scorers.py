@@ -36,17 +36,17 @@ class ClipScorer(nn.Module):
         return 100 * (image * text).sum(-1)
 
 
-class AestheticHead(nn.Module):
-    """768 -> 1024 -> 128 -> 64 -> 16 -> 1, linear throughout; the dropouts keep the official key indices
-    layers.{0,2,4,6,7}."""
+class ScoreHead(nn.Module):
+    """width -> 1024 -> 128 -> 64 -> 16 -> 1, linear throughout: the LAION aesthetic predictor's MLP, which
+    ImageReward reuses. The dropouts (inactive in eval) keep the official key indices layers.{0,2,4,6,7}."""
 
-    def __init__(self):
+    def __init__(self, width: int = 768):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(768, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
+        self.layers = nn.Sequential(nn.Linear(width, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
                                     nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
 
-    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
-        return self.layers(embedding)
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
 
 
 class AestheticScorer(nn.Module):
@@ -101,7 +101,7 @@ def load_clip_scorer(folder: Path) -> ClipScorer:
 def load_aesthetic_scorer(folder: Path) -> AestheticScorer:
     _require("Aes", folder / AES_HEAD, hint=f"{folder}/{AES_HEAD} (the LAION improved-aesthetic-predictor head) "
              f"and {folder}/clip/ (OpenAI CLIP ViT-L/14 in open_clip's layout)")
-    head = AestheticHead()
+    head = ScoreHead()
     head.load_state_dict(load_weights(folder / AES_HEAD))
     return AestheticScorer(clip.load_clip(folder / "clip", "ViT-L-14-quickgelu", "Aes"), head.eval())
 

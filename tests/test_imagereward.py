@@ -99,7 +99,7 @@ def test_key_map_covers_official_layout():
     assert names["blip.visual_encoder.blocks.23.attn.proj.weight"] == \
         "vision.encoder.layers.23.self_attn.projection.weight"
     assert names["blip.visual_encoder.norm.bias"] == "vision.post_layernorm.bias"
-    assert names["mlp.layers.7.weight"] == "head.7.weight"
+    assert names["mlp.layers.7.weight"] == "head.layers.7.weight"
     assert names["blip.text_encoder.encoder.layer.11.crossattention.self.key.weight"] == \
         "text.encoder.layer.11.crossattention.self.key.weight"
     assert imagereward_key_map({"blip.itm_head.weight": 0, "blip.text_encoder_m.x": 0, "foo": 0}) == \
