@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-METRIC_NAMES = ("CLIP", "Aes", "ImageReward", "PickScore")
+METRIC_NAMES = ("CLIP", "Aes", "ImageReward", "PickScore")   # = eval.scorers.METRICS, without importing torch
 
 
 def specs_from_args(args) -> list:

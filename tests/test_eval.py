@@ -283,7 +283,10 @@ def test_table_puts_paper_numbers_beside_matching_rows(weights, tiny_model, tmp_
 
 
 def test_eval_cli_errors(weights, tmp_path):
+    from eval.cli import METRIC_NAMES
+    from eval.scorers import METRICS
     from hsd.cli import main
+    assert METRIC_NAMES == METRICS
     spec = tmp_path / "spec.yaml"
     spec.write_text("specs:\n  - {name: a, model: m, steps: 1, stepz: 2}\n")
     (tmp_path / "p.txt").write_text("a cat\n")
