@@ -55,3 +55,18 @@ def test_metrics_on_data_and_on_blur(world):
     assert abs(m["fidelity"] - (-0.5 * math.log(2 * math.pi * 0.01) - 0.5)) < 0.02
     blur = world.means[labels].mean(1)  # the average of a class's modes: what 1-step DDIM makes
     assert metrics(world, blur, labels)["fidelity"] < -4
+
+
+def test_class_log_prob_is_the_lab_reward(world):
+    """log p(x) = logsumexp_c log p(x | c) - log C (uniform classes); the reward prefers the prompt's class
+    and its gradient points at the class's modes."""
+    labels = torch.arange(4).repeat(4)
+    x = world.sample(labels, torch.Generator().manual_seed(0))
+    per_class = torch.stack([world.class_log_prob(x, torch.full_like(labels, c)) for c in range(4)], -1)
+    assert torch.allclose(torch.logsumexp(per_class, -1) - math.log(4), world.log_prob(x), atol=1e-9)
+    assert (per_class.argmax(-1) == labels).all()
+    blurred = (x + world.sample((labels + 1) % 4, torch.Generator().manual_seed(1))) / 2
+    blurred.requires_grad_(True)
+    world.class_log_prob(blurred, labels).sum().backward()
+    moved = blurred.detach() + 1e-4 * blurred.grad
+    assert (world.class_log_prob(moved, labels) > world.class_log_prob(blurred.detach(), labels)).all()

@@ -104,6 +104,14 @@ class LabWorld:
         quad = -self._sq_dist(x) / (2 * self.sigma ** 2)
         return torch.logsumexp(quad, -1) - math.log(K) - 0.5 * self.dim * math.log(2 * math.pi * self.sigma ** 2)
 
+    def class_log_prob(self, x: Tensor, labels: Tensor) -> Tensor:
+        """log p_data(x | class) per sample [B]: the lab's exact, differentiable reward for feedback learning
+        (divide by `dim` for nats/dim, the fidelity metric's scale)."""
+        quad = -((x.double().flatten(1)[:, None] - self._components(labels, len(x))) ** 2).sum(-1)
+        quad = quad / (2 * self.sigma ** 2)
+        return (torch.logsumexp(quad, -1) - math.log(self.n_modes)
+                - 0.5 * self.dim * math.log(2 * math.pi * self.sigma ** 2))
+
     def nearest_mode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(class, mode) of the nearest mode mean, each [B]."""
         idx = self._sq_dist(x).argmin(-1)
