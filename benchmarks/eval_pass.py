@@ -26,9 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eval.clip import TransformersStyleClip
 from eval.imagereward_weights import synthetic_image
 from eval.random_weights import write_random_scorers
-from eval.run import ModelSpec, Store, evaluate_spec, item_key, weights_fingerprint
+from eval.run import Item, ModelSpec, Store, evaluate_spec, item_key, weights_fingerprint
 from eval.scorers import METRICS, load_scorers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,18 +48,8 @@ def reference_clip(scorers, jobs, batch):
     import open_clip
     from torchmetrics.multimodal.clip_score import CLIPScore
     from torchvision.transforms.functional import pil_to_tensor, to_pil_image
-    model = scorers["CLIP"].model
     _, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32-quickgelu", pretrained=None)
     tokenizer = open_clip.get_tokenizer("ViT-B-32-quickgelu")
-
-    class Model(torch.nn.Module):
-        config = None
-
-        def get_image_features(self, pixel_values):
-            return model.encode_image(pixel_values)
-
-        def get_text_features(self, input_ids, attention_mask=None):
-            return model.encode_text(input_ids)
 
     def processor(images=None, text=None, **_):
         if images is not None:
@@ -66,7 +57,7 @@ def reference_clip(scorers, jobs, batch):
         ids = tokenizer(text)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    metric = CLIPScore(model_name_or_path=lambda: (Model(), processor))
+    metric = CLIPScore(model_name_or_path=lambda: (TransformersStyleClip(scorers["CLIP"].model), processor))
     for k in range(0, len(jobs), batch):
         chunk = jobs[k:k + batch]
         metric.update([pil_to_tensor(Image.open(p).convert("RGB")) for p, _ in chunk], [c for _, c in chunk])
@@ -139,13 +130,14 @@ def main() -> None:
     fingerprint = weights_fingerprint(weights, metrics)
     store = Store(out, spec, fingerprint)
     prompts = [CAPTIONS[i % len(CAPTIONS)] + f" #{i}" for i in range(args.n)]
-    for i in range(args.n):
-        Image.fromarray(synthetic_image(i, args.image_size, args.image_size).numpy()).save(store.png(i, i))
-    jobs = [(store.png(i, i), prompts[i]) for i in range(args.n)]
+    items = [Item(i, prompts[i], i, item_key(i, prompts[i], i)) for i in range(args.n)]   # seed i, as the pass
+    for it in items:
+        Image.fromarray(synthetic_image(it.i, args.image_size, args.image_size).numpy()).save(store.png(it))
+    jobs = [(store.png(it), it.prompt) for it in items]
 
     t_ours, summary = timed(lambda: evaluate_spec(spec, prompts, scorers, out, fingerprint, 0, args.batch))
     stored = Store(out, spec, fingerprint).records
-    records = [stored[item_key(i, prompts[i], i)] for i in range(args.n)]
+    records = [stored[it.key] for it in items]
     rows = []
     t, clip_mean = timed(lambda: reference_clip(scorers, jobs, args.batch))
     rows.append(("CLIP (torchmetrics CLIPScore)", t, abs(clip_mean[0] - summary.scores["CLIP"])))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -75,10 +76,33 @@ def load_clip(path: str | Path, default_arch: str, metric: str):
     return model.eval().requires_grad_(False)
 
 
+@lru_cache
+def _tokenizer(context_length: int):
+    """Built once: it parses open_clip's 49k-merge BPE file (0.17 s), which every batch would otherwise repeat."""
+    from open_clip.tokenizer import SimpleTokenizer
+    return SimpleTokenizer(context_length=context_length)
+
+
 def tokenize(prompts: list[str], context_length: int = CONTEXT) -> torch.Tensor:
     """OpenAI CLIP tokens (B, 77); a longer caption is cut with its end-of-text token kept last."""
-    from open_clip.tokenizer import SimpleTokenizer
-    return SimpleTokenizer(context_length=context_length)(list(prompts))
+    return _tokenizer(context_length)(list(prompts))
+
+
+class TransformersStyleClip(torch.nn.Module):
+    """An open_clip model behind the two feature methods torchmetrics' CLIPScore calls, returning tensors
+    (transformers 5's CLIPModel returns output objects there, which CLIPScore cannot normalise). `config` is
+    None, so CLIPScore does not cut token ids itself: the tokenizer already keeps end-of-text last."""
+    config = None
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_image(pixel_values)
+
+    def get_text_features(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        return self.model.encode_text(input_ids)
 
 
 def write_hf_tokenizer(folder: str | Path) -> Path:

@@ -15,13 +15,14 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from hsd.io import atomic_path
 
 from .images import UnreadableImage, crop224, open_rgb, to_unit
-from .scorers import METRICS, score_batch
+from .scorers import LOADERS, METRICS, score_batch
 
 
 @dataclass(frozen=True)
@@ -69,9 +70,16 @@ def item_key(i: int, prompt: str, seed: int) -> str:
     return f"{i}:{hashlib.sha256(prompt.encode()).hexdigest()[:12]}:{seed}"
 
 
+class Item(NamedTuple):
+    """Image i of a spec: its prompt, its seed and the key its scores are stored under."""
+    i: int
+    prompt: str
+    seed: int
+    key: str
+
+
 def weights_fingerprint(weights: str | Path, metrics=METRICS) -> str:
     """Names and sizes of the scorer weight files: a change of weights invalidates stored scores."""
-    from .scorers import LOADERS
     root = Path(weights)
     files = sorted((str(p.relative_to(root)), p.stat().st_size)
                    for m in metrics for p in (root / LOADERS[m][0]).rglob("*") if p.is_file())
@@ -105,8 +113,8 @@ class Store:
         self.fingerprint = fingerprint
         self.records = read_records(self.scores_path, fingerprint)
 
-    def png(self, i: int, seed: int) -> Path:
-        return self.images / f"{i:05d}_s{seed}.png"
+    def png(self, item: Item) -> Path:
+        return self.images / f"{item.i:05d}_s{item.seed}.png"
 
     def append(self, records: list[dict]) -> None:
         with open(self.scores_path, "a") as f:
@@ -121,41 +129,41 @@ def evaluate_spec(spec: ModelSpec, prompts: list[str], scorers: dict, out: Path,
     """Generate what is missing, score what is unscored, and average. `load(spec)` makes the generator."""
     from tqdm import tqdm
     store = Store(out, spec, fingerprint)
-    items = [(i, p, seed + i, item_key(i, p, seed + i)) for i, p in enumerate(prompts)]
-    todo = [it for it in items if it[3] not in store.records]
+    items = [Item(i, p, seed + i, item_key(i, p, seed + i)) for i, p in enumerate(prompts)]
+    todo = [it for it in items if it.key not in store.records]
     skipped, generator = [], None
     with tqdm(total=len(items), initial=len(items) - len(todo), unit="img", desc=spec.name) as bar:
         for k in range(0, len(todo), batch_size):
             batch = todo[k:k + batch_size]
-            missing = [it for it in batch if not store.png(it[0], it[2]).exists()]
+            missing = [it for it in batch if not store.png(it).exists()]
             if missing and generator is None:
                 generator = (load or load_spec_generator)(spec, device)
             crops = _generate(generator, spec, missing, store, batch_size) if missing else {}
             for it in batch:
-                if it[3] not in crops and it not in missing:
+                if it not in missing:
                     try:
-                        crops[it[3]] = crop224(open_rgb(store.png(it[0], it[2])))
+                        crops[it.key] = crop224(open_rgb(store.png(it)))
                     except UnreadableImage as e:
                         skipped.append(str(e))
                         warnings.warn(f"skipped: {e}")
-            scored = [it for it in batch if it[3] in crops]
+            scored = [it for it in batch if it.key in crops]
             if scored:
-                pixels = to_unit(torch.stack([crops[it[3]] for it in scored])).to(device)
-                values = score_batch(scorers, pixels, [it[1] for it in scored])
-                store.append([{"item": it[3], "i": it[0], "seed": it[2], **{m: v[j] for m, v in values.items()}}
+                pixels = to_unit(torch.stack([crops[it.key] for it in scored])).to(device)
+                values = score_batch(scorers, pixels, [it.prompt for it in scored])
+                store.append([{"item": it.key, "i": it.i, "seed": it.seed, **{m: v[j] for m, v in values.items()}}
                               for j, it in enumerate(scored)])
             bar.update(len(batch))
-    return summarize(spec, [store.records[it[3]] for it in items if it[3] in store.records], skipped)
+    return summarize(spec, [store.records[it.key] for it in items if it.key in store.records], skipped)
 
 
-def _generate(generator, spec: ModelSpec, items, store: Store, batch_size: int) -> dict:
+def _generate(generator, spec: ModelSpec, items: list[Item], store: Store, batch_size: int) -> dict:
     from hsd.pipelines.generate import save_png
-    images = generator.generate([it[1] for it in items], spec.steps, [it[2] for it in items], spec.guidance,
+    images = generator.generate([it.prompt for it in items], spec.steps, [it.seed for it in items], spec.guidance,
                                 spec.size, spec.size, batch_size)
     crops = {}
     for it, image in zip(items, images):
-        save_png(image, store.png(it[0], it[2]))
-        crops[it[3]] = crop224(image)           # PNG is lossless: the same crop a rerun decodes
+        save_png(image, store.png(it))
+        crops[it.key] = crop224(image)           # PNG is lossless: the same crop a rerun decodes
     return crops
 
 

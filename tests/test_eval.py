@@ -61,21 +61,6 @@ def test_crop_matches_open_clip_preprocess():
         assert torch.allclose(ours, preprocess(image)[None], atol=1e-5)
 
 
-class _AsTransformersClip(torch.nn.Module):
-    """Our open_clip model behind the two methods torchmetrics calls, returning tensors."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-        self.config = None                        # torchmetrics reads text limits from it when present
-
-    def get_image_features(self, pixel_values):
-        return self.model.encode_image(pixel_values)
-
-    def get_text_features(self, input_ids, attention_mask=None):
-        return self.model.encode_text(input_ids)
-
-
 def _processor(images=None, text=None, **_):
     if images is not None:
         from torchvision.transforms.functional import to_pil_image
@@ -92,7 +77,7 @@ def test_clip_score_equals_torchmetrics(tmp_path):
     images = _images(len(PROMPTS))
     crops = torch.stack([crop224(im) for im in images])
     ours = scorer(to_unit(crops), PROMPTS)
-    metric = CLIPScore(model_name_or_path=lambda: (_AsTransformersClip(model), _processor))
+    metric = CLIPScore(model_name_or_path=lambda: (clip.TransformersStyleClip(model), _processor))
     metric.update([pil_to_tensor(im) for im in images], PROMPTS)
     assert abs(max(ours.mean().item(), 0) - metric.compute().item()) < 1e-4
     assert ours.std() > 0.1                       # the scores differ between images: the check is not vacuous

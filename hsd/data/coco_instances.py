@@ -40,16 +40,12 @@ class CocoInstances:
 
     def sample(self, i: int, size: int) -> tuple[torch.Tensor, dict]:
         """(3, size, size) pixels in [0, 1] and {bboxes, labels, masks} on the same square resize."""
-        from pycocotools import mask as mask_utils
         image, anns, info = self[i]
         h, w = info["height"], info["width"]
         sx, sy = size / w, size / h
         masks, boxes, labels = [], [], []
         for a in anns:
-            seg = a["segmentation"]
-            rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg, list) or "counts" not in seg or \
-                isinstance(seg["counts"], list) else seg
-            m = mask_utils.decode(mask_utils.merge(rle) if isinstance(rle, list) else rle)
+            m = _decode(a["segmentation"], h, w)
             masks.append(np.asarray(Image.fromarray(m * 255).resize((size, size), Image.NEAREST)) > 127)
             x, y, bw, bh = a["bbox"]
             boxes.append([x * sx, y * sy, (x + bw) * sx, (y + bh) * sy])
@@ -57,3 +53,13 @@ class CocoInstances:
         pixels = torch.from_numpy(np.array(image.resize((size, size), Image.BICUBIC))).permute(2, 0, 1) / 255
         return pixels, {"bboxes": torch.tensor(boxes), "labels": torch.tensor(labels),
                         "masks": torch.from_numpy(np.stack(masks))}
+
+
+def _decode(seg, h: int, w: int) -> np.ndarray:
+    """A COCO segmentation as an (h, w) uint8 mask: polygons, uncompressed RLE (counts a list) or RLE."""
+    from pycocotools import mask as mask_utils
+    if isinstance(seg, list):                         # polygons: one RLE each, merged
+        return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(seg, h, w)))
+    if isinstance(seg["counts"], list):               # uncompressed RLE
+        return mask_utils.decode(mask_utils.frPyObjects(seg, h, w))
+    return mask_utils.decode(seg)

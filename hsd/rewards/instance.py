@@ -16,10 +16,6 @@ from torch import nn
 SOLO_CONFIG = "solo/solo_r50_fpn_1x_coco.py"
 MEAN = (123.675, 116.28, 103.53)     # RGB order, on a 0-255 scale (the config's data_preprocessor)
 STD = (58.395, 57.12, 57.375)
-# Data-only types that mmdet checkpoints' metadata may pickle; anything else is refused by name.
-SAFE_GLOBALS = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
-                "numpy.dtype", "numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
-                "collections.OrderedDict", "builtins.set"}
 
 
 class InstanceLossError(ValueError):
@@ -55,21 +51,10 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"SOLO checkpoint not found: {path} (e.g. solo_r50_fpn_1x_coco_*.pth from "
                                 f"mmdet's model zoo, or its state dict as .safetensors)")
-    if path.suffix == ".safetensors":
-        return load_weights(path)
-    needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    unknown = needed - SAFE_GLOBALS
-    if unknown:
-        raise InstanceLossError(f"{path} pickles types that are not plain data: {sorted(unknown)}; "
-                                f"save its 'state_dict' as .safetensors instead")
-    import importlib
-    allowed = [getattr(importlib.import_module(g.rsplit(".", 1)[0]), g.rsplit(".", 1)[1]) for g in needed]
-    if any(g.startswith("numpy") for g in needed):   # a dtype's class is pickled inside it without being listed
-        import numpy as np
-        allowed += [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
-    with torch.serialization.safe_globals(allowed):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state)
+    try:
+        return load_weights(path, numpy_metadata=True)
+    except ValueError as e:
+        raise InstanceLossError(str(e)) from e
 
 
 def load_solo(checkpoint: str | Path | None = None, num_classes: int = 80):
