@@ -1,4 +1,4 @@
-"""Run experiment configs over seeds and compare their final (k = 1) students at 1, 2 and 4 steps."""
+"""Run experiment configs over seeds and summarise every row of their lab tables: mean ± std per (model, steps)."""
 from __future__ import annotations
 
 import csv
@@ -8,33 +8,35 @@ from pathlib import Path
 from .config import load_config
 from .train import run
 
-METRICS = [("fidelity", "Fidelity ↑"), ("traj_err", "Traj. error ↓"), ("alignment", "Alignment ↑")]
+METRICS = [("alignment", "Alignment ↑"), ("fidelity", "Fidelity ↑"), ("traj_err", "Traj. error ↓"),
+           ("coverage", "Coverage ↑"), ("reward", "Reward ↑")]
 
 
-def final_rows(table_csv: Path, steps: tuple[int, ...]) -> dict[int, dict[str, float]]:
+def table_rows(table_csv: Path, skip_teacher: bool = True) -> dict[tuple[str, int], dict[str, float]]:
+    """{(model, steps): metrics} of one run's table.csv (the teacher rows, equal in every run, left out)."""
     with open(table_csv) as f:
-        rows = [r for r in csv.DictReader(f) if r["model"].startswith("TSCD final")]
-    return {int(r["steps"]): {m: float(r[m]) for m, _ in METRICS} for r in rows if int(r["steps"]) in steps}
+        rows = [r for r in csv.DictReader(f) if not (skip_teacher and r["model"] == "Teacher")]
+    return {(r["model"], int(r["steps"])): {m: float(r[m]) for m, _ in METRICS if m in r} for r in rows}
 
 
-def ablate(paths: list[str], seeds: list[int], overrides: list[str], out: Path,
-           steps: tuple[int, ...] = (1, 2, 4)) -> str:
+def ablate(paths: list[str], seeds: list[int], overrides: list[str], out: Path) -> str:
     results: dict[str, list[dict]] = {}
     for p in paths:
         name = Path(p).stem
         for seed in seeds:
             cfg = load_config([p], [*overrides, f"seed={seed}", f"name={name}_seed{seed}", f"out_dir={out}"])
             run(cfg)
-            results.setdefault(name, []).append(final_rows(out / cfg.name / "table.csv", steps))
-    lines = [f"Final k=1 student, mean ± std over seeds {seeds}", "",
-             "| Config | Steps | " + " | ".join(h for _, h in METRICS) + " |", "|---|---|" + "---|" * len(METRICS)]
+            results.setdefault(name, []).append(table_rows(out / cfg.name / "table.csv"))
+    lines = [f"Mean ± population std over seeds {seeds}", "",
+             "| Config | Model | Steps | " + " | ".join(h for _, h in METRICS) + " |",
+             "|---|---|---|" + "---|" * len(METRICS)]
     for name, per_seed in results.items():
-        for n in steps:
+        for key in per_seed[0]:
             cells = []
             for m, _ in METRICS:
-                v = [r[n][m] for r in per_seed]
-                cells.append(f"{statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f}")
-            lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+                v = [r[key][m] for r in per_seed if m in r.get(key, {})]
+                cells.append(f"{statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f}" if v else "")
+            lines.append(f"| {name} | {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(md)

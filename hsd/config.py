@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from .models.lora import DEFAULT_TARGETS
 
@@ -71,6 +72,52 @@ class TSCD:
 
 
 @dataclass
+class Reward:
+    margin: float = 1.0        # alpha_d of Eq. 15: no gradient once the reward clears it
+    weight: float = 1.0
+
+
+@dataclass
+class Feedback:
+    """Human-feedback stage (§3.2): its own LoRA, trained on top of the (frozen) TSCD LoRA. 0 iterations: off."""
+    iterations: int = 0
+    batch_size: int = 16
+    lr: float = 1e-4
+    grad_clip: float = 1.0
+    steps: int = 4             # the student's DDIM-trailing schedule that x_T is denoised along (no gradient)...
+    t_range: list[int] = field(default_factory=lambda: [0, 999])  # ...to a grid step t in [t_left, t_right],
+    #                            then one step with gradient predicts x'_0
+    rewards: dict[str, Reward] = field(default_factory=dict)  # Aes | ImageReward | CLIP | PickScore (SD), lab
+    scorers: str = ""          # scorer weights folder (docs/eval.md layout) for the SD rewards
+    instance_weight: float = 0.0  # weight of Eq. 16's SOLO instance loss (0: off; SD worlds only)
+    solo: str = ""             # SOLO R50-FPN checkpoint (mmdet .pth or .safetensors)
+    solo_classes: int = 80
+    coco_annotations: str = ""  # instances_train2017.json
+    coco_images: str = ""      # the train2017 image folder
+    merge_weights: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5])  # report: TSCD + w * feedback
+
+
+@dataclass
+class DMD:
+    """One-step enhancement (§3.3): distribution matching with a fake score network. 0 iterations: off."""
+    iterations: int = 0
+    batch_size: int = 16
+    lr: float = 1e-4           # generator
+    fake_lr: float = 1e-4
+    grad_clip: float = 1.0
+    generator: str = "lora"    # lora: keep training the TSCD LoRA (the unified LoRA) | full: fine-tune the UNet
+    timestep: int = 999        # the generator's timestep input: 999 unified LoRA (TCD), 800 one-step UNet (LCM)
+    fake: str = "lora"         # the fake score: a LoRA of its own on the teacher | full: a trainable UNet copy
+    fake_updates: int = 1      # fake-score updates per generator update (DMD2 uses 5)
+    guidance: float = 3.0      # CFG of the real score (the frozen teacher)
+    t_min: float = 0.02        # DMD's noise levels t ~ U[t_min, t_max] * T (DMD2's range)
+    t_max: float = 0.98
+    w_mse: float = 0.0         # lambda_mse: MSE to the teacher's multi-step result from the same noise
+    mse_steps: int = 25        # the teacher's DDIM steps (CFG = guidance) for that target
+    w_feedback: float = 0.0    # weight of the feedback losses (feedback.rewards and the instance loss)
+
+
+@dataclass
 class Lab:
     teacher: str = ""          # diffusers folder of the fitted lab teacher; "" = the one shipped in hsd/lab
     eval_per_class: int = 64
@@ -123,6 +170,8 @@ class Run:
     world: str = "lab"
     lora: Lora = field(default_factory=Lora)
     tscd: TSCD = field(default_factory=TSCD)
+    feedback: Feedback = field(default_factory=Feedback)
+    dmd: DMD = field(default_factory=DMD)
     lab: Lab = field(default_factory=Lab)
     model: Model = field(default_factory=Model)
     data: Data = field(default_factory=Data)
@@ -141,7 +190,11 @@ def load_config(paths: list[str] = (), overrides: list[str] = ()) -> Run:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. tscd.lr=1e-4)")
         key, value = item.split("=", 1)
         _check_path(Run, key.split("."), key)
-        OmegaConf.update(cfg, key, yaml.safe_load(value), merge=True)
+        try:
+            OmegaConf.update(cfg, key, yaml.safe_load(value), merge=True)
+        except OmegaConfBaseException as e:  # e.g. a wrong type, or a new dict entry set key by key
+            raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]} (set a new mapping entry whole, e.g. "
+                              f"feedback.rewards={{Aes: {{margin: 7, weight: 1}}}})") from e
     run = OmegaConf.to_object(cfg)
     _validate(run)
     return run
@@ -202,8 +255,8 @@ def _validate(run: Run) -> None:
         raise ConfigError(f"tscd.loss must be 'mse' or 'huber', got {t.loss!r}")
     if t.t_end not in ("uniform", "boundary"):
         raise ConfigError(f"tscd.t_end must be 'uniform' or 'boundary', got {t.t_end!r}")
-    if not t.stages:
-        raise ConfigError("tscd.stages is empty")
+    if not t.stages and not (run.feedback.iterations or run.dmd.iterations):
+        raise ConfigError("tscd.stages is empty and feedback.iterations = dmd.iterations = 0: nothing to train")
     if not t.guidance_min <= t.guidance_max:
         raise ConfigError("tscd.guidance_min must not exceed tscd.guidance_max")
     if run.world not in WORLDS:
@@ -222,8 +275,46 @@ def _validate(run: Run) -> None:
     if run.model.frozen_dtype != "float32" and "mixed" not in run.trainer.precision:
         raise ConfigError(f"model.frozen_dtype={run.model.frozen_dtype} needs autocast: set trainer.precision to "
                           f"bf16-mixed or 16-mixed (got {run.trainer.precision!r})")
+    _validate_feedback(run)
+    _validate_dmd(run.dmd)
     if run.world != "lab":
         if not run.model.path:
             raise ConfigError(f"world {run.world!r} needs model.path: a local diffusers folder or .safetensors file")
         if bool(run.data.shards) == bool(run.data.folder):
             raise ConfigError("set exactly one of data.shards (webdataset) and data.folder (images + .txt)")
+
+
+LAB_REWARDS = ("lab",)
+SD_REWARDS = ("Aes", "ImageReward", "CLIP", "PickScore")
+
+
+def _validate_feedback(run: Run) -> None:
+    f, lab = run.feedback, run.world == "lab"
+    known = LAB_REWARDS if lab else SD_REWARDS
+    unknown = sorted(set(f.rewards) - set(known))
+    if unknown:
+        raise ConfigError(f"feedback.rewards: unknown reward(s) {unknown} for world {run.world!r}; known: "
+                          f"{', '.join(known)}")
+    if len(f.t_range) != 2 or not 0 <= f.t_range[0] <= f.t_range[1]:
+        raise ConfigError(f"feedback.t_range must be [t_left, t_right] with 0 <= t_left <= t_right, got {f.t_range}")
+    if not (f.iterations or run.dmd.w_feedback):
+        return
+    if not lab and f.rewards and not f.scorers:
+        raise ConfigError("feedback.rewards needs feedback.scorers: the scorer weights folder (docs/eval.md)")
+    if f.instance_weight:
+        if lab:
+            raise ConfigError("feedback.instance_weight: the instance loss needs COCO and SOLO (SD worlds only)")
+        missing = [k for k in ("solo", "coco_annotations", "coco_images") if not getattr(f, k)]
+        if missing:
+            raise ConfigError(f"feedback.instance_weight > 0 needs feedback.{', feedback.'.join(missing)}")
+    if f.iterations and not f.rewards and not f.instance_weight:
+        raise ConfigError("feedback.iterations > 0 but no feedback.rewards and feedback.instance_weight = 0")
+
+
+def _validate_dmd(d: DMD) -> None:
+    if d.generator not in ("lora", "full") or d.fake not in ("lora", "full"):
+        raise ConfigError(f"dmd.generator and dmd.fake must be 'lora' or 'full', got {d.generator!r}, {d.fake!r}")
+    if not 0 <= d.t_min < d.t_max <= 1:
+        raise ConfigError(f"dmd.t_min < dmd.t_max must lie in [0, 1], got {d.t_min}, {d.t_max}")
+    if d.fake_updates < 1:
+        raise ConfigError("dmd.fake_updates must be >= 1")

@@ -23,6 +23,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
             os.unlink(tmp)
 
 
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder beside `path`; on success it replaces `path` (the old one removed after the rename)."""
+    import shutil
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        old = path.with_name(f".{path.name}.old")
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # Data-only types that training frameworks' checkpoint metadata pickles (numpy arrays and scalars, mmengine's
 # `meta`); `load_weights(..., numpy_metadata=True)` admits them by name, anything else is still refused by name.
 NUMPY_GLOBALS = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",

@@ -1,7 +1,10 @@
-"""The one training entry point: TSCD stages k = 8 -> 4 -> 2 -> 1, each resuming the last, then the report."""
+"""The one training entry point: TSCD stages k = 8 -> 4 -> 2 -> 1 (each resuming the last), then the feedback
+LoRA and the DMD stage when configured, then the world's report. A finished stage's artefact is reused, an
+interrupted stage resumes from its last checkpoint."""
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
@@ -10,15 +13,26 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from .config import Run, save_config
+from .io import atomic_dir
+from .lit.dmd import FAKE, DMDModule
+from .lit.feedback import ADAPTER as FEEDBACK, FeedbackModule
 from .lit.strategies import AtomicCheckpointIO, make_strategy
 from .lit.tscd import TSCDModule
-from .models.discriminator import FeatureDiscriminator, feature_channels
 from .models import lora as lora_io
+from .models.discriminator import FeatureDiscriminator, feature_channels
 from .worlds import WORLDS
 
 
 # Checkpoints are taken after the update on purpose: their state matches their global_step (exact resume).
 warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+
+
+@dataclass
+class Artefacts:
+    """What a run produced: TSCD LoRAs per k, the feedback LoRA, the DMD generator (LoRA file or UNet folder)."""
+    tscd: list[tuple[int, Path]] = field(default_factory=list)
+    feedback: Path | None = None
+    dmd: Path | None = None
 
 
 def stage_lora_path(out: Path, i: int, k: int) -> Path:
@@ -43,8 +57,19 @@ def last_checkpoint(sdir: Path) -> Path | None:
     return last if last.exists() else None
 
 
+def fit(cfg: Run, world, module, sdir: Path, updates: int, batch_size: int, seed: int, callbacks=()) -> L.Trainer:
+    """Train `module` for `updates` batches' worth of updates, resuming from sdir's last checkpoint."""
+    n = module.steps_per_update
+    data = world.data(updates * module.accumulate, seed, lambda tr: module.batches_done(tr.global_step) if tr else 0,
+                      batch_size)
+    trainer = make_trainer(cfg, sdir, updates * n, cfg.trainer.ckpt_every * n, callbacks,
+                           list(lora_io.lora_params(module.unet).values()))
+    trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(sdir))
+    return trainer
+
+
 def run(cfg: Run) -> str:
-    """Train every stage (skipping finished ones, resuming an interrupted one), then write the report."""
+    """Train every configured stage (skipping finished ones, resuming an interrupted one), then report."""
     out = Path(cfg.out_dir) / cfg.name
     save_config(cfg, out / "config.yaml")
     world = WORLDS[cfg.world](cfg)
@@ -54,34 +79,90 @@ def run(cfg: Run) -> str:
         lora_io.load_lora_adapter(unet, cfg.model.lora_init)
     else:
         lora_io.attach_lora(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+    _fp32_lora(unet)
+    made = Artefacts()
+    unet = tscd_stages(cfg, world, unet, out, made)
+    if cfg.feedback.iterations:
+        made.feedback = feedback_stage(cfg, world, unet, out)
+    if cfg.dmd.iterations:
+        made.dmd = dmd_stage(cfg, world, unet, out)
+    return world.report(made, out)
+
+
+def _fp32_lora(unet) -> None:
     for p in lora_io.lora_params(unet).values():  # trained in fp32 even when the frozen weights are bf16
         p.data = p.data.float()
+
+
+def tscd_stages(cfg: Run, world, unet, out: Path, made: Artefacts):
     disc = None
     if any(s.w_adv > 0 for s in cfg.tscd.stages):
         disc = FeatureDiscriminator(feature_channels(unet), cfg.tscd.adv.hidden)
-    loras = []
     for i, stage in enumerate(cfg.tscd.stages):
         path = stage_lora_path(out, i, stage.k)
-        steps = max(1, round(stage.iterations * cfg.tscd.iteration_scale))
         if path.exists():
             lora_io.load_lora(unet, path)
         else:
             L.seed_everything(cfg.seed + i, verbose=False)
-            sdir = out / f"stage{i}_k{stage.k}"
             module = TSCDModule(unet, world.schedule, stage, cfg.tscd, seed=cfg.seed * 100 + i,
                                 encoder=world.encoder, disc=disc, fsdp=cfg.trainer.strategy == "fsdp")
-            n = module.steps_per_update
-            data = world.data(steps * cfg.tscd.accumulate, cfg.seed * 100 + i, lambda tr, m=module: m.batches_done(tr.global_step) if tr else 0)
-            trained = list(lora_io.lora_params(unet).values())
-            trainer = make_trainer(cfg, sdir, steps * n, cfg.trainer.ckpt_every * n, world.callbacks(stage.k),
-                                   trained)
-            trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(sdir))
+            steps = max(1, round(stage.iterations * cfg.tscd.iteration_scale))
+            trainer = fit(cfg, world, module, out / f"stage{i}_k{stage.k}", steps, cfg.tscd.batch_size,
+                          cfg.seed * 100 + i, world.callbacks(stage.k))
             unet = module.unet  # under FSDP the sharded UNet, which the next stages keep using
-            meta = {"k": str(stage.k), "rank": str(cfg.lora.rank), "alpha": str(cfg.lora.alpha),
-                    "world": cfg.world}
-            if trainer.is_global_zero:
-                lora_io.save_lora(path, unet, meta)
-                lora_io.save_lora(path.with_suffix(".kohya.safetensors"), unet, meta, fmt="kohya")
-            trainer.strategy.barrier()
-        loras.append((stage.k, path))
-    return world.report(loras, out)
+            _save_lora(trainer, path, unet, {"k": str(stage.k), "stage": "tscd"}, cfg)
+        made.tscd.append((stage.k, path))
+    return unet
+
+
+def feedback_stage(cfg: Run, world, unet, out: Path) -> Path:
+    """The feedback LoRA, trained on top of the frozen TSCD LoRA; the UNet is left running the TSCD LoRA alone."""
+    path = out / "lora_feedback.safetensors"
+    L.seed_everything(cfg.seed + 50, verbose=False)
+    lora_io.add_adapter(unet, FEEDBACK, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+    _fp32_lora(unet)
+    if path.exists():
+        lora_io.load_lora(unet, path, adapter=FEEDBACK)
+    else:
+        module = FeedbackModule(unet, world.schedule, cfg.feedback, world.feedback_loss(), seed=cfg.seed * 100 + 50,
+                                encoder=world.encoder, fsdp=cfg.trainer.strategy == "fsdp")
+        trainer = fit(cfg, world, module, out / "feedback", cfg.feedback.iterations, cfg.feedback.batch_size,
+                      cfg.seed * 100 + 50)
+        _save_lora(trainer, path, unet, {"stage": "feedback"}, cfg, adapter=FEEDBACK)
+    lora_io.use_adapters(unet, ["default"], ("default",))
+    return path
+
+
+def dmd_stage(cfg: Run, world, unet, out: Path) -> Path:
+    """DMD on the TSCD LoRA: the unified LoRA (generator=lora) or the one-step UNet folder (generator=full)."""
+    d = cfg.dmd
+    path = out / ("lora_unified.safetensors" if d.generator == "lora" else "unet_onestep")
+    if path.exists():
+        if d.generator == "lora":
+            lora_io.load_lora(unet, path)
+        return path
+    L.seed_everything(cfg.seed + 60, verbose=False)
+    if d.fake == "lora":
+        lora_io.add_adapter(unet, FAKE, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+        _fp32_lora(unet)
+    gen = lora_io.plain_unet(unet, {"default": 1.0}).float().requires_grad_(True) if d.generator == "full" else None
+    fake = lora_io.plain_unet(unet).float().requires_grad_(True) if d.fake == "full" else None
+    module = DMDModule(unet, world.schedule, d, world.feedback_loss() if d.w_feedback else None,
+                       seed=cfg.seed * 100 + 60, encoder=world.encoder, fsdp=cfg.trainer.strategy == "fsdp",
+                       generator_unet=gen, fake_unet=fake)
+    trainer = fit(cfg, world, module, out / "dmd", d.iterations, d.batch_size, cfg.seed * 100 + 60)
+    if d.generator == "lora":
+        _save_lora(trainer, path, unet, {"stage": "dmd", "timestep": str(d.timestep)}, cfg)
+    elif trainer.is_global_zero:
+        with atomic_dir(path) as tmp:
+            module.gen_unet.save_pretrained(tmp)
+    trainer.strategy.barrier()
+    return path
+
+
+def _save_lora(trainer: L.Trainer, path: Path, unet, meta: dict, cfg: Run, adapter: str = "default") -> None:
+    meta = {**meta, "rank": str(cfg.lora.rank), "alpha": str(cfg.lora.alpha), "world": cfg.world}
+    if trainer.is_global_zero:
+        lora_io.save_lora(path, unet, meta, adapter=adapter)
+        lora_io.save_lora(path.with_suffix(".kohya.safetensors"), unet, meta, fmt="kohya", adapter=adapter)
+    trainer.strategy.barrier()

@@ -17,6 +17,7 @@ from .lab.evaluate import LabEvaluator, save_grid, write_table
 from .lab.teacher import DEFAULT_TEACHER, load_teacher
 from .lab.world import LabWorld
 from .lit.data import LabData
+from .rewards.feedback import FeedbackLoss, LabReward
 
 
 def _log_image(trainer, tag: str, grid: torch.Tensor) -> None:
@@ -49,19 +50,24 @@ class Lab:
         self.emb = teacher.encode(self.world.prompts + [""])
         self.evaluator = LabEvaluator(self.world, teacher, cfg.lab)
 
-    def data(self, batches: int, seed: int, start_fn) -> L.LightningDataModule:
-        return LabData(self.world, self.emb[:-1], self.emb[-1:], self.cfg.tscd.batch_size, batches, seed, start_fn)
+    def data(self, batches: int, seed: int, start_fn, batch_size: int) -> L.LightningDataModule:
+        return LabData(self.world, self.emb[:-1], self.emb[-1:], batch_size, batches, seed, start_fn)
 
     def callbacks(self, k: int) -> list[L.Callback]:
         return [LabSamples(self.evaluator, k)]
 
-    def report(self, loras: list[tuple[int, Path]], out: Path) -> str:
-        return lab_table(self.cfg, self.evaluator, self.unet, loras, out)
+    def feedback_loss(self) -> FeedbackLoss:
+        return FeedbackLoss(self.cfg.feedback, LabReward(self.world))
+
+    def report(self, made, out: Path) -> str:
+        return lab_table(self.cfg, self.evaluator, self.unet, made, out)
 
 
-def lab_table(cfg: Run, ev: LabEvaluator, unet, loras: list[tuple[int, Path]], out: Path) -> str:
-    from .models.lora import load_lora
-    rows, samples = [], []
+def lab_table(cfg: Run, ev: LabEvaluator, unet, made, out: Path) -> str:
+    """Teacher rows, each TSCD stage, then (when trained) the TSCD + feedback merges at weights (1, w) and
+    the DMD generator."""
+    from .models.lora import load_lora, plain_unet
+    rows, samples, loras = [], [], made.tscd
 
     def add(result):
         rows.append(result[0])
@@ -78,6 +84,20 @@ def lab_table(cfg: Run, ev: LabEvaluator, unet, loras: list[tuple[int, Path]], o
     if loras and loras[-1][0] == 1:
         for n in cfg.lab.student_steps:
             add(ev.row("TSCD final (k=1)", unet, n, "tcd"))
+    if made.feedback is not None:
+        load_lora(unet, made.feedback, adapter="feedback")
+        for w in cfg.feedback.merge_weights:  # exactly what `hsd lora merge TSCD FEEDBACK:w --unet` fuses
+            for n in (1, 4):
+                add(ev.row(f"TSCD + feedback, weights (1, {w:g})", plain_unet(unet, {"default": 1.0, "feedback": w}),
+                           n, "tcd"))
+    if made.dmd is not None and cfg.dmd.generator == "lora":
+        load_lora(unet, made.dmd)
+        for n in cfg.lab.student_steps:
+            add(ev.row(f"DMD unified LoRA (t={cfg.dmd.timestep})", unet, n, "tcd"))
+    elif made.dmd is not None:
+        from diffusers import UNet2DConditionModel
+        add(ev.row(f"DMD one-step UNet (t={cfg.dmd.timestep})", UNet2DConditionModel.from_pretrained(made.dmd), 1,
+                   "lcm", timestep=cfg.dmd.timestep))
     md = write_table(rows, out, f"{cfg.name}: lab world, exact metrics ({len(ev.labels)} samples, "
                                 f"reference ODE at CFG {cfg.lab.eval_guidance:g})")
     save_grid(samples, out / "samples.png")
@@ -127,23 +147,51 @@ class SD:
         text = TextConditioner(c.family, c.text_encoders, c.tokenizers)
         self.encoder = LatentEncoder(c.vae, text, m.resolution, getattr(torch, m.vae_dtype))
 
-    def data(self, batches: int, seed: int, start_fn) -> L.LightningDataModule:
+    def data(self, batches: int, seed: int, start_fn, batch_size: int) -> L.LightningDataModule:
         from .data import ImageTextData
         d = self.cfg.data
         return ImageTextData(shards=d.shards, folder=d.folder, resolution=self.cfg.model.resolution,
-                             batch_size=self.cfg.tscd.batch_size, steps=batches, seed=seed, crop=d.crop,
+                             batch_size=batch_size, steps=batches, seed=seed, crop=d.crop,
                              flip=d.flip, num_workers=d.num_workers, start_fn=start_fn)
 
     def callbacks(self, k: int) -> list[L.Callback]:
         return [SDSamples(self.components, self.cfg.data.sample_prompts, k, self.cfg.model.resolution)]
 
-    def report(self, loras: list[tuple[int, Path]], out: Path) -> str:
-        lines = [f"# {self.cfg.name}: {self.cfg.world} TSCD LoRAs", "",
-                 "| Stage k | diffusers LoRA | kohya LoRA | sample with |", "|---|---|---|---|"]
-        for k, path in loras:
+    def feedback_loss(self) -> FeedbackLoss:
+        """The scorers named in feedback.rewards (eval package, from feedback.scorers) on VAE-decoded x'_0, and
+        with feedback.instance_weight > 0 the SOLO instance loss on COCO train images."""
+        from eval.scorers import load_scorers
+        from .rewards.feedback import InstanceTerm, ScorerRewards, VaeDecoder
+        f, decoder = self.cfg.feedback, VaeDecoder(self.encoder.vae)
+        rewards = ScorerRewards(decoder, load_scorers(f.scorers, tuple(f.rewards))) if f.rewards else None
+        instance = None
+        if f.instance_weight:
+            from .data.coco_instances import CocoInstances
+            from .rewards.instance import InstanceLoss, load_solo
+            instance = InstanceTerm(CocoInstances(f.coco_annotations, f.coco_images),
+                                    InstanceLoss(load_solo(f.solo, f.solo_classes)), decoder, self.cfg.model.resolution)
+        return FeedbackLoss(f, rewards, instance)
+
+    def report(self, made, out: Path) -> str:
+        model = self.cfg.model.path
+        lines = [f"# {self.cfg.name}: {self.cfg.world} artefacts", "",
+                 "| Stage | diffusers LoRA | kohya LoRA | sample with |", "|---|---|---|---|"]
+        for k, path in made.tscd:
             kohya = path.with_suffix(".kohya.safetensors")
-            lines.append(f"| {k} | {path} | {kohya} | hsd generate --model {self.cfg.model.path} "
+            lines.append(f"| TSCD k={k} | {path} | {kohya} | hsd generate --model {model} "
                          f"--lora {kohya} --scheduler ddim --steps {k} |")
+        if made.feedback is not None and made.tscd:
+            base = made.tscd[-1][1].with_suffix(".kohya.safetensors")
+            kohya = made.feedback.with_suffix(".kohya.safetensors")
+            lines.append(f"| feedback | {made.feedback} | {kohya} | hsd lora merge {base} {kohya}:1.0 --out "
+                         f"{out}/merged.safetensors |")
+        if made.dmd is not None and self.cfg.dmd.generator == "lora":
+            kohya = made.dmd.with_suffix(".kohya.safetensors")
+            lines.append(f"| DMD unified | {made.dmd} | {kohya} | hsd generate --model {model} --lora {kohya} "
+                         f"--scheduler tcd --steps 1 |")
+        elif made.dmd is not None:
+            lines.append(f"| DMD one-step UNet | {made.dmd} | | hsd generate --model {model} --unet {made.dmd} "
+                         f"--scheduler lcm --steps 1 |")
         md = "\n".join(lines) + "\n"
         (out / "loras.md").write_text(md)
         return md

@@ -25,11 +25,12 @@ def test_every_experiment_config_loads():
     """Every YAML resolves to a typed config (SD ones given the paths a user passes on the command line)."""
     from hsd.lit.strategies import make_strategy
     files = sorted(f for f in (ROOT / "experiments").rglob("*.yaml") if f.parent.name != "eval")  # eval: specs
-    assert len(files) >= 8
+    assert len(files) >= 13
     worlds = set()
     for f in files:
-        world = yaml.safe_load(f.read_text()).get("world", "lab")
-        extra = [] if world == "lab" else ["model.path=/models/x", "data.shards=/data/s.tar"]
+        extra = [] if f.parent.name in ("lab", "ablations") else [
+            "model.path=/models/x", "data.shards=/data/s.tar", "feedback.scorers=/models/scorers",
+            "feedback.solo=/models/solo.pth", "feedback.coco_annotations=/data/i.json", "feedback.coco_images=/data/c"]
         cfg = load_config([str(f)], extra)
         worlds.add(cfg.world)
         assert make_strategy(cfg) is not None

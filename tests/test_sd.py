@@ -289,13 +289,13 @@ def test_two_process_resume_is_exact(strategy, images, tmp_path):
 
 
 def test_8bit_adam_without_bitsandbytes_says_how_to_install():
-    from hsd.lit import tscd
+    from hsd.lit import base
     try:
         import bitsandbytes  # noqa: F401
         pytest.skip("bitsandbytes is installed")
     except ImportError:
         with pytest.raises(ImportError, match=r"pip install 'hsd\[bnb\]'"):
-            tscd._adamw("adamw8bit")
+            base.adamw("adamw8bit")
 
 
 def test_cli_names_sdxl_settings_on_sd15_weights(images, tmp_path):

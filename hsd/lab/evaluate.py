@@ -16,8 +16,9 @@ from .ode import exact_ode
 from .teacher import Teacher
 from .world import LabWorld, metrics
 
-COLUMNS = ["alignment", "fidelity", "traj_err", "coverage"]
-HEADERS = ["Model", "Steps", "Scheduler", "Alignment ↑", "Fidelity (nats/dim) ↑", "Traj. error ↓", "Coverage ↑"]
+COLUMNS = ["alignment", "fidelity", "traj_err", "coverage", "reward"]
+HEADERS = ["Model", "Steps", "Scheduler", "Alignment ↑", "Fidelity (nats/dim) ↑", "Traj. error ↓", "Coverage ↑",
+           "Reward (nats/dim) ↑"]
 
 
 @dataclass
@@ -29,12 +30,15 @@ class Row:
 
 
 @torch.no_grad()
-def sample(unet, scheduler, x_T, cond, uncond=None, w: float = 1.0, steps: int = 1, **step_kwargs):
-    """A plain diffusers scheduler loop; CFG (one batched forward) when w != 1."""
+def sample(unet, scheduler, x_T, cond, uncond=None, w: float = 1.0, steps: int = 1, timesteps=None, **step_kwargs):
+    """A plain diffusers scheduler loop (`timesteps` overrides its spacing); CFG (one batched forward) when w != 1."""
     def eps_fn(x, t, c):
         return unet(x, t, encoder_hidden_states=c).sample
 
-    scheduler.set_timesteps(steps)
+    if timesteps:
+        scheduler.set_timesteps(timesteps=timesteps)
+    else:
+        scheduler.set_timesteps(steps)
     x = x_T.clone()
     for t in scheduler.timesteps:
         tt = t.expand(x.shape[0])
@@ -56,14 +60,19 @@ class LabEvaluator:
         ab_T = float(teacher.scheduler.alphas_cumprod[-1])
         self.reference = exact_ode(world, self.x_T, self.labels, cfg.eval_guidance, ab_T, steps=100).float()
 
-    def row(self, name: str, unet, steps: int, kind: str, guided: bool = False) -> tuple[Row, torch.Tensor]:
+    def row(self, name: str, unet, steps: int, kind: str, guided: bool = False,
+            timestep: int | None = None) -> tuple[Row, torch.Tensor]:
+        """kind: ddim (trailing), tcd (eta = cfg.tcd_eta) or lcm (one step at `timestep`, the one-step UNet's)."""
+        sch, kw, ts = recipe_scheduler(kind, self.teacher.scheduler.config), {}, None
         if kind == "ddim":
-            sch, kw, label = recipe_scheduler("ddim", self.teacher.scheduler.config), {}, "DDIM trailing"
-        else:
-            sch, kw = recipe_scheduler("tcd", self.teacher.scheduler.config), {"eta": self.cfg.tcd_eta, "generator": torch.Generator().manual_seed(0)}
+            label = "DDIM trailing"
+        elif kind == "tcd":
+            kw = {"eta": self.cfg.tcd_eta, "generator": torch.Generator().manual_seed(0)}
             label = f"TCD eta={self.cfg.tcd_eta}"
+        else:
+            ts, label = [timestep], f"LCM t={timestep}"
         w = self.cfg.eval_guidance if guided else 1.0
-        x = sample(unet, sch, self.x_T, self.cond, self.uncond, w, steps, **kw)
+        x = sample(unet, sch, self.x_T, self.cond, self.uncond, w, steps, ts, **kw)
         label += f", CFG {w:g}" if guided else ""
         return Row(name, steps, label, metrics(self.world, x, self.labels, self.reference)), x
 
@@ -71,7 +80,7 @@ class LabEvaluator:
 def write_table(rows: list[Row], out: Path, title: str = "") -> str:
     """Markdown (returned and saved) and CSV of the rows."""
     out.mkdir(parents=True, exist_ok=True)
-    fmt = {"alignment": "{:.3f}", "fidelity": "{:.3f}", "traj_err": "{:.4f}", "coverage": "{:.3f}"}
+    fmt = {"alignment": "{:.3f}", "fidelity": "{:.3f}", "traj_err": "{:.4f}", "coverage": "{:.3f}", "reward": "{:.3f}"}
     lines = ([f"### {title}", ""] if title else []) + ["| " + " | ".join(HEADERS) + " |",
                                                         "|" + "---|" * len(HEADERS)]
     for r in rows:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..diffusion.schedule import NoiseSchedule
+from ..io import atomic_dir
 from .world import LabWorld
 
 DEFAULT_TEACHER = Path(__file__).parent / "teacher"
@@ -130,16 +130,9 @@ def fit_teacher(world: LabWorld, steps: int = 4000, batch: int = 128, lr: float 
 
 def save_teacher(teacher: Teacher, path: str | os.PathLike) -> Path:
     """Write the diffusers folder atomically: a temp sibling renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    teacher.unet.save_pretrained(tmp / "unet")
-    teacher.text_encoder.save_pretrained(tmp / "text_encoder")
-    teacher.tokenizer.save_pretrained(tmp / "tokenizer")
-    teacher.scheduler.save_pretrained(tmp / "scheduler")
-    old = path.with_name(f".{path.name}.old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+    with atomic_dir(path) as tmp:
+        teacher.unet.save_pretrained(tmp / "unet")
+        teacher.text_encoder.save_pretrained(tmp / "text_encoder")
+        teacher.tokenizer.save_pretrained(tmp / "tokenizer")
+        teacher.scheduler.save_pretrained(tmp / "scheduler")
+    return Path(path)

@@ -129,14 +129,16 @@ def metrics(world: LabWorld, x: Tensor, labels: Tensor, x_ref: Tensor | None = N
     alignment: share of samples whose nearest mode is of the prompt's class (CLIP score's role);
     fidelity: mean log p_data per dimension, nats (aesthetics' role: few-step blur falls off the modes);
     trajectory error: MSE per dimension to the exact ODE endpoint from the same noise;
-    coverage: share of each class's modes that some correctly aligned sample reached, averaged.
+    coverage: share of each class's modes that some correctly aligned sample reached, averaged;
+    reward: mean log p_data(x | prompt's class) per dimension, the feedback stage's lab reward.
     """
     cls, mode = world.nearest_mode(x)
     hit = cls == labels
     cover = [len(set(mode[hit & (labels == c)].tolist())) / world.n_modes for c in labels.unique().tolist()]
     out = {"alignment": hit.double().mean().item(),
            "fidelity": (world.log_prob(x) / world.dim).mean().item(),
-           "coverage": sum(cover) / len(cover)}
+           "coverage": sum(cover) / len(cover),
+           "reward": (world.class_log_prob(x, labels) / world.dim).mean().item()}
     if x_ref is not None:
         out["traj_err"] = ((x.double() - x_ref.double()) ** 2).mean().item()
     return out

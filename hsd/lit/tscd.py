@@ -7,14 +7,9 @@ Lightning owns devices, precision, sharding, checkpoints and logging.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from contextlib import contextmanager
-
-import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call
-from torch.nn.modules.module import _IncompatibleKeys
 
 from ..config import TSCD, Stage
 from ..diffusion.schedule import NoiseSchedule, add_noise, renoise
@@ -25,52 +20,28 @@ from ..losses.consistency import tscd_loss
 from ..models.discriminator import FeatureDiscriminator, encoder_features
 from ..models.ema import EMA
 from ..models.lora import lora_params
+from .base import StageModule, adamw, no_checkpointing, unet_kwargs
 
 
-def unet_kwargs(cond) -> dict:
-    """Conditioning is a tensor (encoder_hidden_states) or a dict of UNet keyword arguments (SDXL)."""
-    return cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
-
-
-class TSCDModule(L.LightningModule):
+class TSCDModule(StageModule):
     def __init__(self, unet, schedule: NoiseSchedule, stage: Stage, cfg: TSCD, seed: int = 0,
-                 encoder: nn.Module | None = None, disc: FeatureDiscriminator | None = None,
-                 fsdp: bool = False):
-        super().__init__()
+                 encoder=None, disc: FeatureDiscriminator | None = None, fsdp: bool = False):
+        super().__init__(unet, schedule, seed, encoder, fsdp)
         if stage.w_adv > 0 and disc is None:
             raise ValueError(f"stage k={stage.k} has w_adv={stage.w_adv} but no discriminator was given")
-        self.unet, self.schedule, self.stage, self.cfg, self.seed = unet, schedule, stage, cfg, seed
-        self.encoder = encoder  # frozen VAE + text encoders (SD worlds); None when batches hold x0/cond
+        self.stage, self.cfg, self.accumulate = stage, cfg, cfg.accumulate
         self.disc = disc if stage.w_adv > 0 else None
-        # Under FSDP every wrapped block must run (no early exit from the UNet), and the trained tensors,
-        # which FSDP ignores (see hsd.lit.strategies), have their gradients averaged here.
-        self.fsdp = fsdp
+        # Lightning counts every optimizer's step in global_step: 2 per update when D is trained too.
+        self.steps_per_update = 2 if self.disc is not None else 1
         self.ema = EMA(lora_params(unet))
         self.grid = ddim_grid(schedule.T, stage.grid_steps)  # CPU: times are drawn with a CPU generator
-        self.automatic_optimization = False
 
-    @property
-    def steps_per_update(self) -> int:
-        """Lightning counts every optimizer's step in global_step: 2 per update when D is trained too."""
-        return 2 if self.disc is not None else 1
-
-    def batches_done(self, global_step: int) -> int:
-        return global_step // self.steps_per_update * self.cfg.accumulate
-
-    # ---- the three eps functions: student, frozen teacher, EMA target ----
+    # ---- the three eps functions: student (self.eps), frozen teacher (self.teacher_eps), EMA target ----
     def student_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
-        return self.unet(x, t, **unet_kwargs(cond)).sample
-
-    def teacher_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
-        with self.teacher():
-            return self.unet(x, t, **unet_kwargs(cond)).sample
+        return self.eps(x, t, cond)
 
     def ema_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
         return functional_call(self.unet, self.ema.tensors(), (x, t), unet_kwargs(cond), strict=False).sample
-
-    def teacher(self):
-        """Context: the UNet runs as the frozen teacher (peft adapters off), restored on exit."""
-        return _adapters_off(self.unet)
 
     def tscd_pair(self, batch: dict, g: torch.Generator) -> tuple[Tensor, Tensor, dict]:
         """(student prediction, target), both projected to t_end (Eq. 14), and the draws that made them.
@@ -98,14 +69,12 @@ class TSCDModule(L.LightningModule):
         This pass needs gradient (to x) with the LoRA off; checkpointed blocks would recompute it in backward
         with the LoRA back on, so it runs without gradient checkpointing.
         """
-        with self.teacher(), _no_checkpointing(self.unet):
+        with self.teacher(), no_checkpointing(self.unet):
             return self.disc(encoder_features(self.unet, x, t, unet_kwargs(cond), not self.fsdp))
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        # Seeded by the batch's global index, so a resumed run draws exactly what the uninterrupted one did.
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(batch["index"]) + 7)
-        if self.encoder is not None:
-            batch = self.encoder(batch, g)
+        g = self.generator(batch)
+        batch = self.encode(batch, g)
         pred, target, aux = self.tscd_pair(batch, g)
         if "skipped" in batch:  # undecodable samples so far, summed over ranks
             self.log("data/skipped", float(batch["skipped"]), reduce_fx="sum", sync_dist=True)
@@ -128,7 +97,7 @@ class TSCDModule(L.LightningModule):
         loss = tscd_loss(pred, target, s.w_mse, self.cfg.loss, self.cfg.huber_c, s.w_adv, adv)
         self.manual_backward(loss / self.cfg.accumulate)
         if update:
-            self._step(opt)
+            self._step(opt, self.cfg.grad_clip)
             self.ema.update(lora_params(self.unet), self.cfg.ema_decay)
         self.log(f"train/loss_k{s.k}", loss, prog_bar=True)
         return loss.detach()
@@ -141,7 +110,7 @@ class TSCDModule(L.LightningModule):
         loss = d_loss(list(r), list(f), self.cfg.adv.loss)
         self.manual_backward(loss / self.cfg.accumulate)
         if update:
-            self._step(opt)
+            self._step(opt, self.cfg.grad_clip)
         self.log(f"train/d_loss_k{self.stage.k}", loss, prog_bar=True)
 
     def _renoiser(self, t_end: Tensor, like: Tensor, g: torch.Generator):
@@ -156,77 +125,17 @@ class TSCDModule(L.LightningModule):
             return renoise(self.schedule, x, t_end, t_adv, z)
         return noisy, t_adv
 
-    def _step(self, opt) -> None:
-        if self.fsdp and self.trainer.world_size > 1:
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad)
-                        p.grad /= self.trainer.world_size
-        if self.cfg.grad_clip:
-            self.clip_gradients(opt, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     def configure_optimizers(self):
-        opt_g = _adamw(self.cfg.optimizer)(lora_params(self.unet).values(), lr=self.cfg.lr,
+        opt_g = adamw(self.cfg.optimizer)(lora_params(self.unet).values(), lr=self.cfg.lr,
                                            weight_decay=self.cfg.weight_decay)
         if self.disc is None:
             return opt_g
-        return [opt_g, _adamw(self.cfg.optimizer)(self.disc.parameters(), lr=self.cfg.adv.lr, betas=(0.0, 0.99))]
+        return [opt_g, adamw(self.cfg.optimizer)(self.disc.parameters(), lr=self.cfg.adv.lr, betas=(0.0, 0.99))]
 
-    # ---- checkpoints hold what training changes: the LoRA, its EMA, the discriminator (+ optimizers) ----
+    # ---- checkpoints hold what training changes: the LoRA, its EMA, the discriminator ----
     def trained_tensors(self) -> dict[str, Tensor]:
         out = {f"unet.{n}": p for n, p in lora_params(self.unet).items()}
         out |= {f"ema.{k}": v for k, v in self.ema.state_dict(keep_vars=True).items()}
         if self.disc is not None:
             out |= {f"disc.{k}": v for k, v in self.disc.state_dict(keep_vars=True).items()}
         return out
-
-    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
-        """Only the trained tensors, read directly: never the frozen weights, and no FSDP gather of them."""
-        out = OrderedDict() if destination is None else destination
-        for k, t in self.trained_tensors().items():
-            out[prefix + k] = t if keep_vars else t.detach()
-        return out
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        own = self.trained_tensors()
-        missing = sorted(set(own) - set(state_dict))
-        if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} LoRA/EMA/discriminator tensors, e.g. {missing[0]}")
-        with torch.no_grad():
-            for k, t in own.items():
-                t.copy_(state_dict[k])
-        return _IncompatibleKeys([], [k for k in state_dict if k not in own])
-
-
-@contextmanager
-def _adapters_off(unet):
-    unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()
-
-
-@contextmanager
-def _no_checkpointing(unet):
-    was = unet.is_gradient_checkpointing
-    if was:
-        unet.disable_gradient_checkpointing()
-    try:
-        yield
-    finally:
-        if was:
-            unet.enable_gradient_checkpointing()
-
-
-def _adamw(kind: str):
-    if kind == "adamw":
-        return torch.optim.AdamW
-    try:
-        import bitsandbytes as bnb
-    except ImportError as e:
-        raise ImportError("tscd.optimizer=adamw8bit needs bitsandbytes: pip install 'hsd[bnb]'") from e
-    return bnb.optim.AdamW8bit

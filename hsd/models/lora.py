@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import os
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .lora_formats import (PREFIX, LoraFile, LoraFormatError, LoraModule, peft_config_kwargs, read_lora,
                            write_lora)
 
-__all__ = ["DEFAULT_TARGETS", "PREFIX", "LoraFormatError", "attach_lora", "lora_params", "save_lora", "load_lora",
-           "load_lora_adapter", "unet_lora", "fuse_loras"]
+__all__ = ["DEFAULT_TARGETS", "PREFIX", "LoraFormatError", "attach_lora", "add_adapter", "lora_params", "save_lora",
+           "load_lora", "load_lora_adapter", "unet_lora", "fuse_loras", "use_adapters", "adapters", "adapters_off",
+           "plain_unet"]
 
 # Every linear/conv of SD's attention, feed-forward and resnet blocks, as PCM and LCM-LoRA train them.
 DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -27,8 +31,84 @@ def attach_lora(unet, rank: int, alpha: float, targets: list[str] | None = None)
     return lora_params(unet)
 
 
-def lora_params(unet) -> dict[str, torch.Tensor]:
-    return {_plain(n): p for n, p in unet.named_parameters() if "lora_" in n}
+def add_adapter(unet, name: str, rank: int, alpha: float, targets: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """A second (third...) zero-initialised adapter beside the existing ones; returns its parameters."""
+    with warnings.catch_warnings():  # peft warns that a model with an adapter gets another: that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets or DEFAULT_TARGETS,
+                                    init_lora_weights=True), adapter_name=name)
+    return lora_params(unet, name)
+
+
+def lora_params(unet, adapter: str | None = None) -> dict[str, torch.Tensor]:
+    """LoRA parameters by plain module path; with `adapter`, only that adapter's."""
+    return {_plain(n): p for n, p in unet.named_parameters()
+            if "lora_" in n and (adapter is None or f".{adapter}." in n)}
+
+
+def _tuner_layers(unet) -> list[BaseTunerLayer]:
+    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def _trainable_state(unet) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in unet.named_parameters() if "lora_" in n}
+
+
+def _restore_trainable(unet, state: dict[str, bool]) -> None:
+    for n, p in unet.named_parameters():
+        if n in state:
+            p.requires_grad_(state[n])
+
+
+def use_adapters(unet, active: list[str], trainable: tuple[str, ...] = ()) -> None:
+    """Run the UNet with the `active` adapters summed, training only the `trainable` ones.
+
+    peft's set_adapter marks every active adapter trainable; a frozen TSCD LoRA under a trained feedback LoRA
+    must not collect gradients (they would leak into a later stage's first step), so it is set explicitly.
+    """
+    for layer in _tuner_layers(unet):
+        layer.set_adapter(active, inference_mode=True)
+    for n, p in unet.named_parameters():
+        if "lora_" in n:
+            p.requires_grad_(any(f".{a}." in n for a in trainable))
+
+
+@contextmanager
+def adapters(unet, active: list[str], trainable: tuple[str, ...] = ()):
+    """Context: `use_adapters`, then the previous active adapters and trainable flags are restored."""
+    layers = _tuner_layers(unet)
+    before, flags = [list(layer.active_adapters) for layer in layers], _trainable_state(unet)
+    use_adapters(unet, active, trainable)
+    try:
+        yield
+    finally:
+        for layer, names in zip(layers, before):
+            layer.set_adapter(names, inference_mode=True)
+        _restore_trainable(unet, flags)
+
+
+@contextmanager
+def adapters_off(unet):
+    """Context: the frozen base UNet (every adapter off); trainable flags restored on exit (peft's
+    enable_adapters would mark all active adapters trainable)."""
+    flags = _trainable_state(unet)
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+        _restore_trainable(unet, flags)
+
+
+def plain_unet(unet, fuse: dict[str, float] | None = None):
+    """A copy of the base UNet without peft layers, with the named adapters fused at weights {adapter: w}."""
+    from diffusers import UNet2DConditionModel
+    base = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
+    plain = UNet2DConditionModel.from_config(unet.config)
+    plain.load_state_dict(base)  # copies, in the base weights' dtype
+    for adapter, w in (fuse or {}).items():
+        _fuse(plain, unet_lora(unet, adapter), w, f"adapter {adapter!r}")
+    return plain.requires_grad_(False)
 
 
 def _plain(name: str) -> str:
@@ -73,12 +153,18 @@ def fuse_loras(unet, paths: list[str | os.PathLike], weights: list[float]) -> No
     if len(paths) != len(weights):
         raise ValueError(f"{len(paths)} LoRA files but {len(weights)} weights")
     loras = [read_lora(p, unet.config) for p in paths]
-    targets = [_base_layers(unet, lora) for lora in loras]  # all checked before any weight changes
+    for lora in loras:  # all checked before any weight changes
+        _base_layers(unet, lora)
+    for lora, w in zip(loras, weights):
+        _fuse(unet, lora.modules, w, lora.path)
+
+
+def _fuse(unet, modules: dict[str, LoraModule], weight: float, where) -> None:
+    layers = _base_layers(unet, LoraFile(Path(str(where)), "", modules, {}))
     with torch.no_grad():
-        for lora, layers, w in zip(loras, targets, weights):
-            for name, m in lora.modules.items():
-                weight = layers[name].weight
-                weight += _fit(lora.path, name, m.delta() * w, weight).to(weight.dtype)
+        for name, m in modules.items():
+            w = layers[name].weight
+            w += _fit(where, name, m.delta().to(w.device) * weight, w).to(w.dtype)
 
 
 def _lora_layers(unet, adapter: str) -> dict[str, LoraLayer]:

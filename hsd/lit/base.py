@@ -1,0 +1,112 @@
+"""What every training stage shares: a UNet with peft adapters (adapters off = the frozen teacher), seeded
+per-batch randomness, optimizer steps (with FSDP's gradient averaging of unsharded tensors), and checkpoints
+that hold only the trained tensors. TSCD, feedback and DMD subclass it and keep to their algorithm.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from contextlib import contextmanager
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from ..diffusion.schedule import NoiseSchedule
+from ..models.lora import adapters_off
+
+
+def unet_kwargs(cond) -> dict:
+    """Conditioning is a tensor (encoder_hidden_states) or a dict of UNet keyword arguments (SDXL)."""
+    return cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
+
+
+class StageModule(L.LightningModule):
+    def __init__(self, unet, schedule: NoiseSchedule, seed: int = 0, encoder: nn.Module | None = None,
+                 fsdp: bool = False):
+        super().__init__()
+        self.unet, self.schedule, self.seed = unet, schedule, seed
+        self.encoder = encoder  # frozen VAE + text encoders (SD worlds); None when batches hold x0/cond
+        # Under FSDP every wrapped block must run (no early exit from the UNet), and the trained tensors,
+        # which FSDP ignores (see hsd.lit.strategies), have their gradients averaged here.
+        self.fsdp = fsdp
+        self.automatic_optimization = False
+
+    steps_per_update = 1  # optimizer steps per batch (Lightning's global_step counts every one)
+    accumulate = 1
+
+    def batches_done(self, global_step: int) -> int:
+        return global_step // self.steps_per_update * self.accumulate
+
+    def generator(self, batch: dict) -> torch.Generator:
+        """Seeded by the batch's global index, so a resumed run draws exactly what the uninterrupted one did."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + int(batch["index"]) + 7)
+
+    def encode(self, batch: dict, g: torch.Generator) -> dict:
+        return batch if self.encoder is None else self.encoder(batch, g)
+
+    def eps(self, x: Tensor, t: Tensor, cond, unet: nn.Module | None = None) -> Tensor:
+        return (unet or self.unet)(x, t, **unet_kwargs(cond)).sample
+
+    def teacher_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
+        with self.teacher():
+            return self.eps(x, t, cond)
+
+    def teacher(self):
+        """Context: the UNet runs as the frozen teacher (peft adapters off), restored on exit."""
+        return adapters_off(self.unet)
+
+    def _step(self, opt, clip: float = 0.0) -> None:
+        if self.fsdp and self.trainer.world_size > 1:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= self.trainer.world_size
+        if clip:
+            self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # ---- checkpoints hold what training changes (+ optimizers, which Lightning adds) ----
+    def trained_tensors(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Only the trained tensors, read directly: never the frozen weights, and no FSDP gather of them."""
+        out = OrderedDict() if destination is None else destination
+        for k, t in self.trained_tensors().items():
+            out[prefix + k] = t if keep_vars else t.detach()
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        own = self.trained_tensors()
+        missing = sorted(set(own) - set(state_dict))
+        if missing:
+            raise KeyError(f"checkpoint lacks {len(missing)} of this stage's trained tensors, e.g. {missing[0]}")
+        with torch.no_grad():
+            for k, t in own.items():
+                t.copy_(state_dict[k])
+        return _IncompatibleKeys([], [k for k in state_dict if k not in own])
+
+
+@contextmanager
+def no_checkpointing(unet):
+    was = unet.is_gradient_checkpointing
+    if was:
+        unet.disable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        if was:
+            unet.enable_gradient_checkpointing()
+
+
+def adamw(kind: str):
+    if kind == "adamw":
+        return torch.optim.AdamW
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise ImportError("tscd.optimizer=adamw8bit needs bitsandbytes: pip install 'hsd[bnb]'") from e
+    return bnb.optim.AdamW8bit

@@ -1,0 +1,130 @@
+"""One-step enhancement (Hyper-SD §3.3): distribution matching distillation with a fake score network.
+
+generator  the student from the noise z at one timestep (999: the unified LoRA, trained on as the "default"
+           adapter; 800: the one-step UNet, optionally a full fine-tune of a fused copy)
+real score the frozen teacher (adapters off) with CFG
+fake score a LoRA of its own ("fake") on the teacher, or a full trainable copy, fitted to the generator's
+           samples by the denoising loss
+Generator loss = DMD (Eq. 10, DMD2's normalisation) + lambda_mse * MSE to the teacher's multi-step result from
+the same z + w_feedback * the feedback losses. Each batch: one generator update, then `fake_updates` fake-score
+updates (manual optimisation).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import DMD
+from ..diffusion.schedule import NoiseSchedule, add_noise, eps_to_x0
+from ..diffusion.segments import inference_timesteps
+from ..diffusion.solvers import guided_eps, teacher_step
+from ..losses.dmd import dmd_loss, fake_score_loss
+from ..models.lora import adapters, lora_params, use_adapters
+from ..rewards.feedback import FeedbackLoss
+from .base import StageModule
+
+GENERATOR, FAKE = "default", "fake"
+
+
+class DMDModule(StageModule):
+    def __init__(self, unet, schedule: NoiseSchedule, cfg: DMD, feedback: FeedbackLoss | None = None, seed: int = 0,
+                 encoder=None, fsdp: bool = False, generator_unet: nn.Module | None = None,
+                 fake_unet: nn.Module | None = None):
+        super().__init__(unet, schedule, seed, encoder, fsdp)
+        self.cfg, self.feedback = cfg, feedback
+        self.gen_unet, self.fake_unet = generator_unet, fake_unet  # None: the UNet's own adapter
+        self.steps_per_update = 1 + cfg.fake_updates
+        use_adapters(unet, [GENERATOR], (GENERATOR,) if generator_unet is None else ())
+        self.t_lo, self.t_hi = int(cfg.t_min * (schedule.T - 1)), int(cfg.t_max * (schedule.T - 1))
+
+    # ---- the three networks ----
+    def gen_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
+        return self.eps(x, t, cond, self.gen_unet)
+
+    def fake_scope(self):
+        """Context in which self.unet (or the full copy) is the fake score, its tensors trainable."""
+        return nullcontext() if self.fake_unet is not None else adapters(self.unet, [FAKE], (FAKE,))
+
+    def fake_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
+        with self.fake_scope():
+            return self.eps(x, t, cond, self.fake_unet)
+
+    # ---- samples and targets ----
+    def denoise(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        """The generator's x0 prediction from x_t (t [B]), with gradient."""
+        return eps_to_x0(x_t, self.gen_eps(x_t, t, cond), *self.schedule.coeffs(t, x_t))
+
+    def generate(self, z: Tensor, cond) -> Tensor:
+        return self.denoise(z, torch.full((z.shape[0],), self.cfg.timestep, device=z.device), cond)
+
+    @torch.no_grad()
+    def scores(self, x0: Tensor, cond, uncond, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """x0 predictions of the real (teacher, CFG) and fake scores from one noising of x0."""
+        t = torch.randint(self.t_lo, self.t_hi + 1, (x0.shape[0],), generator=g).to(x0.device)
+        a, s = self.schedule.coeffs(t, x0)
+        x_t = add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), a, s)
+        real = eps_to_x0(x_t, guided_eps(self.teacher_eps, x_t, t, cond, uncond, self.cfg.guidance), a, s)
+        return real, eps_to_x0(x_t, self.fake_eps(x_t, t, cond), a, s)
+
+    @torch.no_grad()
+    def teacher_sample(self, z: Tensor, cond, uncond) -> Tensor:
+        """The regression target: the teacher's CFG DDIM-trailing sample from the same noise."""
+        ts = inference_timesteps(self.schedule.T, self.cfg.mse_steps).tolist() + [-1]
+        x = z
+        for t, s in zip(ts[:-1], ts[1:]):
+            at, to = (torch.full((z.shape[0],), v, device=z.device) for v in (t, s))
+            x = teacher_step(self.schedule, self.teacher_eps, x, at, to, cond, uncond, self.cfg.guidance)
+        return x
+
+    # ---- one batch: a generator update, then the fake score's ----
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        g = self.generator(batch)
+        batch = self.encode(batch, g)
+        cond, uncond, like = batch["cond"], batch["uncond"], batch["x0"]
+        opt_g, opt_f = self.optimizers()
+        z = torch.randn(like.shape, generator=g).to(like)
+        x0 = self.generate(z, cond)
+        losses = {"dmd": dmd_loss(x0, *self.scores(x0.detach(), cond, uncond, g))}
+        if self.cfg.w_mse:
+            losses["mse"] = self.cfg.w_mse * F.mse_loss(x0.float(), self.teacher_sample(z, cond, uncond).float())
+        rewards = {}
+        if self.feedback is not None and self.cfg.w_feedback:
+            fb, rewards = self.feedback(x0, batch, self.denoise, self.schedule, g)
+            losses |= {k: self.cfg.w_feedback * v for k, v in fb.items()}
+        loss = torch.stack(list(losses.values())).sum()
+        self.manual_backward(loss)
+        self._step(opt_g, self.cfg.grad_clip)
+        fake = [self._fake_update(opt_f, x0.detach(), cond, g) for _ in range(self.cfg.fake_updates)]
+        self.log("train/dmd_loss", loss, prog_bar=True)
+        self.log_dict({f"train/dmd_{k}": v for k, v in losses.items()} | {"train/fake_loss": torch.stack(fake).mean()}
+                      | {f"train/reward_{k}": v for k, v in rewards.items()})
+        return loss.detach()
+
+    def _fake_update(self, opt, x0: Tensor, cond, g: torch.Generator) -> Tensor:
+        t = torch.randint(self.t_lo, self.t_hi + 1, (x0.shape[0],), generator=g).to(x0.device)
+        noise = torch.randn(x0.shape, generator=g).to(x0)
+        x_t = add_noise(x0, noise, *self.schedule.coeffs(t, x0))
+        with self.fake_scope():  # forward and backward with the fake adapter trainable
+            loss = fake_score_loss(self.eps(x_t, t, cond, self.fake_unet), noise)
+            self.manual_backward(loss)
+        self._step(opt, self.cfg.grad_clip)
+        return loss.detach()
+
+    # ---- what trains, and what checkpoints hold ----
+    def generator_tensors(self) -> dict[str, Tensor]:
+        return (lora_params(self.unet, GENERATOR) if self.gen_unet is None
+                else dict(self.gen_unet.named_parameters()))
+
+    def fake_tensors(self) -> dict[str, Tensor]:
+        return lora_params(self.unet, FAKE) if self.fake_unet is None else dict(self.fake_unet.named_parameters())
+
+    def configure_optimizers(self):
+        return [torch.optim.AdamW(self.generator_tensors().values(), lr=self.cfg.lr, weight_decay=0.0),
+                torch.optim.AdamW(self.fake_tensors().values(), lr=self.cfg.fake_lr, weight_decay=0.0)]
+
+    def trained_tensors(self) -> dict[str, Tensor]:
+        return ({f"gen.{n}": p for n, p in self.generator_tensors().items()}
+                | {f"fake.{n}": p for n, p in self.fake_tensors().items()})
