@@ -21,7 +21,7 @@ def cmd_train(args) -> None:
 
 
 def cmd_lab(args) -> None:
-    args.items = [str(EXPERIMENTS / "lab" / "tscd.yaml"), *args.items]
+    args.items = [str(EXPERIMENTS / "lab" / "hypersd.yaml"), *args.items]
     cmd_train(args)
 
 
@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("train", help="train from YAML configs and key=value overrides")
     t.add_argument("items", nargs="+", metavar="CONFIG|key=value")
     t.set_defaults(fn=cmd_train)
-    lab = sub.add_parser("lab", help="TSCD 8->4->2->1 on the lab world and its table (experiments/lab/tscd.yaml)")
+    lab = sub.add_parser("lab", help="Hyper-SD on the lab world (TSCD 8->4->2->1, feedback, DMD) and its table "
+                                     "(experiments/lab/hypersd.yaml)")
     lab.add_argument("items", nargs="*", metavar="key=value")
     lab.set_defaults(fn=cmd_lab)
     lt = sub.add_parser("lab-teacher", help="fit the lab teacher UNet to the exact eps and save it")

@@ -133,10 +133,17 @@ def feedback_stage(cfg: Run, world, unet, out: Path) -> Path:
     return path
 
 
+def dmd_path(out: Path, d) -> Path:
+    """The unified LoRA (timestep 999), a one-step LoRA (another timestep) or the one-step UNet folder (full)."""
+    if d.generator == "full":
+        return out / "unet_onestep"
+    return out / ("lora_unified.safetensors" if d.timestep == 999 else f"lora_onestep_t{d.timestep}.safetensors")
+
+
 def dmd_stage(cfg: Run, world, unet, out: Path) -> Path:
-    """DMD on the TSCD LoRA: the unified LoRA (generator=lora) or the one-step UNet folder (generator=full)."""
+    """DMD on the TSCD LoRA: a LoRA (generator=lora) or the one-step UNet folder (generator=full)."""
     d = cfg.dmd
-    path = out / ("lora_unified.safetensors" if d.generator == "lora" else "unet_onestep")
+    path = dmd_path(out, d)
     if path.exists():
         if d.generator == "lora":
             lora_io.load_lora(unet, path)

@@ -90,18 +90,33 @@ def lab_table(cfg: Run, ev: LabEvaluator, unet, made, out: Path) -> str:
             for n in (1, 4):
                 add(ev.row(f"TSCD + feedback, weights (1, {w:g})", plain_unet(unet, {"default": 1.0, "feedback": w}),
                            n, "tcd"))
-    if made.dmd is not None and cfg.dmd.generator == "lora":
-        load_lora(unet, made.dmd)
-        for n in cfg.lab.student_steps:
-            add(ev.row(f"DMD unified LoRA (t={cfg.dmd.timestep})", unet, n, "tcd"))
-    elif made.dmd is not None:
-        from diffusers import UNet2DConditionModel
-        add(ev.row(f"DMD one-step UNet (t={cfg.dmd.timestep})", UNet2DConditionModel.from_pretrained(made.dmd), 1,
-                   "lcm", timestep=cfg.dmd.timestep))
+    if made.dmd is not None:
+        add_dmd_rows(cfg, ev, unet, made.dmd, add)
     md = write_table(rows, out, f"{cfg.name}: lab world, exact metrics ({len(ev.labels)} samples, "
                                 f"reference ODE at CFG {cfg.lab.eval_guidance:g})")
     save_grid(samples, out / "samples.png")
     return md
+
+
+def add_dmd_rows(cfg: Run, ev: LabEvaluator, unet, path: Path, add) -> None:
+    """Timestep 999 (the unified LoRA): TCD at every student step count. Another timestep (one-step LoRA or
+    UNet): LCM at that timestep, beside the TSCD LoRA sampled the same way (so the timestep alone is not
+    mistaken for DMD's effect)."""
+    from .models.lora import load_lora
+    d = cfg.dmd
+    if d.timestep == 999 and d.generator == "lora":
+        load_lora(unet, path)
+        for n in cfg.lab.student_steps:
+            add(ev.row("DMD unified LoRA (t=999)", unet, n, "tcd"))
+        return
+    add(ev.row("TSCD final (k=1)", unet, 1, "lcm", timestep=d.timestep))
+    if d.generator == "lora":
+        load_lora(unet, path)
+        add(ev.row(f"DMD one-step LoRA (t={d.timestep})", unet, 1, "lcm", timestep=d.timestep))
+    else:
+        from diffusers import UNet2DConditionModel
+        add(ev.row(f"DMD one-step UNet (t={d.timestep})", UNet2DConditionModel.from_pretrained(path), 1, "lcm",
+                   timestep=d.timestep))
 
 
 class SDSamples(L.Callback):
@@ -187,8 +202,9 @@ class SD:
                          f"{out}/merged.safetensors |")
         if made.dmd is not None and self.cfg.dmd.generator == "lora":
             kohya = made.dmd.with_suffix(".kohya.safetensors")
-            lines.append(f"| DMD unified | {made.dmd} | {kohya} | hsd generate --model {model} --lora {kohya} "
-                         f"--scheduler tcd --steps 1 |")
+            recipe = "tcd --steps 1 2 4 8" if self.cfg.dmd.timestep == 999 else "lcm --steps 1"
+            lines.append(f"| DMD (t={self.cfg.dmd.timestep}) | {made.dmd} | {kohya} | hsd generate --model {model} "
+                         f"--lora {kohya} --scheduler {recipe} |")
         elif made.dmd is not None:
             lines.append(f"| DMD one-step UNet | {made.dmd} | | hsd generate --model {model} --unet {made.dmd} "
                          f"--scheduler lcm --steps 1 |")

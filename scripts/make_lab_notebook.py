@@ -15,7 +15,8 @@ Hyper-SD's stages after TSCD (§3.2, §3.3) on the analytic lab world, where eve
    dimension. The feedback LoRA is trained on top of the frozen TSCD LoRA and merged at weights (1, w).
 2. **DMD** (Eq. 10): the 1-step generator's samples are noised; the frozen teacher with CFG (real score) and a
    fake score network fitted to the generator's samples predict x0; their normalised difference is the
-   generator's gradient. The TSCD LoRA trained on this way is the *unified LoRA*.
+   generator's gradient. The lab's recipe trains the TSCD LoRA on this way as a one-step generator at timestep
+   800 (sampled with LCM at t = 800, like the released one-step UNet); at timestep 999 it is the *unified LoRA*.
 
 A short run takes a few minutes; `hsd train experiments/lab/hypersd.yaml` runs the measured one, and
 `hsd ablate experiments/lab/hypersd.yaml --seeds 0 1 2` its seeds (docs/lab.md has the numbers)."""),
@@ -38,14 +39,14 @@ plt.figure(figsize=(4, 2.5)); plt.plot(r, loss); plt.axvline(1.3, ls="--", c="gr
 plt.xlabel("reward r (nats/dim)"); plt.ylabel("ReLU(1.3 - r)"); plt.show()"""),
     md("""## A short run: TSCD (k = 1 only), the feedback LoRA, DMD
 The TSCD stage is cut to one short k = 1 stage so the notebook stays quick; the rows below are the teacher, the
-TSCD LoRA, its merges with the feedback LoRA at weights (1, w), and the unified LoRA after DMD. The last column is
-the feedback reward."""),
+TSCD LoRA, its merges with the feedback LoRA at weights (1, w), the TSCD LoRA sampled at t = 800 and the one-step
+LoRA after DMD. The last column is the feedback reward."""),
     code("""out = Path(tempfile.mkdtemp())
 cfg = load_config(["../experiments/lab/hypersd.yaml"], [
     f"out_dir={out}", "name=notebook", "lab.eval_per_class=16", "lab.student_steps=[1, 2]",
     "trainer.progress_bar=false", "tscd.batch_size=32", "tscd.stages=[{k: 1, iterations: 40}]",
-    "feedback.iterations=30", "feedback.batch_size=32", "dmd.iterations=30", "dmd.batch_size=32",
-    "feedback.merge_weights=[0.0, 0.5, 1.0]"])
+    "feedback.iterations=30", "feedback.batch_size=32", "dmd.iterations=30",
+    "feedback.merge_weights=[0.0, 0.5, 1.0]", "dmd.batch_size=16"])
 display(Markdown(run(cfg)))"""),
     md("""## The merge sweep
 `hsd lora merge lora_stage0_k1.safetensors lora_feedback.safetensors:w` writes the same merged LoRA the table

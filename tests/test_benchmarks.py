@@ -34,3 +34,12 @@ def test_eval_pass_benchmark_prints_ratio_and_identical_scores(tmp_path):
     assert re.search(r"ratio \d+\.\d+", out)
     diffs = [float(d) for d in re.findall(r"\| (\d\.\d+e[-+]\d+) \|", out)]
     assert len(diffs) == 3 and max(diffs) < 1e-4
+
+
+def test_feedback_dmd_benchmark_times_both_stages():
+    """The GPU measurement of issue 5 (step time, peak memory) runs on CPU with tiny models and prints both rows."""
+    import pytest
+    pytest.importorskip("mmdet", reason="the feedback step runs SOLO: bash scripts/install_mmdet.sh")
+    out = _run("feedback_dmd_step.py", "--steps", "1", "--warmup", "1", "--precision", "32-true")
+    rows = [line for line in out.splitlines() if line.startswith(("| feedback", "| DMD"))]
+    assert len(rows) == 2 and all(float(r.split("|")[2]) > 0 for r in rows)

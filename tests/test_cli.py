@@ -8,26 +8,34 @@ HSD = [sys.executable, "-m", "hsd.cli"]
 
 
 def test_lab_teacher_then_lab_end_to_end(tmp_path):
-    """`hsd lab-teacher` (tiny) makes a loadable teacher; `hsd lab` trains 8->4->2->1 on it and writes the table."""
+    """`hsd lab-teacher` (tiny) makes a loadable teacher; `hsd lab` trains 8->4->2->1, the feedback LoRA and DMD on
+    it and writes the table."""
     teacher = tmp_path / "teacher"
     r = subprocess.run([*HSD, "lab-teacher", "--steps", "20", "--batch", "16", "--out", str(teacher)],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     args = [*HSD, "lab", f"lab.teacher={teacher}", f"out_dir={tmp_path}", "name=e2e", "lab.eval_per_class=8",
             "tscd.batch_size=8", "trainer.progress_bar=false",
-            "tscd.stages=[{k: 8, iterations: 2}, {k: 4, iterations: 2}, {k: 2, iterations: 2}, {k: 1, iterations: 3}]"]
+            "tscd.stages=[{k: 8, iterations: 2}, {k: 4, iterations: 2}, {k: 2, iterations: 2}, {k: 1, iterations: 3}]",
+            "feedback.iterations=2", "feedback.batch_size=8", "feedback.merge_weights=[0.0, 1.0]",
+            "dmd.iterations=2", "dmd.batch_size=8"]
     r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     out = tmp_path / "e2e"
     rows = list(csv.DictReader(open(out / "table.csv")))
     assert [(x["model"], int(x["steps"])) for x in rows] == (
         [("Teacher", n) for n in (25, 1, 2, 4, 8)] + [(f"TSCD stage k={k}", k) for k in (8, 4, 2, 1)]
-        + [("TSCD final (k=1)", n) for n in (1, 2, 4, 8)])
+        + [("TSCD final (k=1)", n) for n in (1, 2, 4, 8)]
+        + [(f"TSCD + feedback, weights (1, {w})", n) for w in (0, 1) for n in (1, 4)]
+        + [("TSCD final (k=1)", 1), ("DMD one-step LoRA (t=800)", 1)])
+    # the feedback LoRA at weight 0 is the TSCD LoRA (fused into the weights here, an adapter there)
+    assert abs(float(rows[13]["fidelity"]) - float(rows[9]["fidelity"])) < 1e-3
     assert all(0 <= float(x["alignment"]) <= 1 and float(x["traj_err"]) >= 0 for x in rows)
     assert (out / "table.md").read_text().count("\n| ") == len(rows) + 1
     assert (out / "samples.png").stat().st_size > 0 and (out / "config.yaml").exists()
     assert len(list(out.glob("lora_stage*_k?.safetensors"))) == 4  # diffusers layout
     assert len(list(out.glob("lora_stage*_k?.kohya.safetensors"))) == 4
+    assert (out / "lora_feedback.kohya.safetensors").exists() and (out / "lora_onestep_t800.safetensors").exists()
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     # A rerun finds every stage's LoRA and only rebuilds the table.
     r = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)

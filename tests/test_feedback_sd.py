@@ -109,7 +109,7 @@ def test_hsd_train_runs_tscd_feedback_and_dmd(files, arch, tmp_path):
     out = tmp_path / "run"
     for name in ("lora_feedback", "lora_unified"):
         assert (out / f"{name}.safetensors").exists() and (out / f"{name}.kohya.safetensors").exists()
-    assert "DMD unified" in r.stdout and "hsd lora merge" in r.stdout
+    assert "DMD (t=999)" in r.stdout and "hsd lora merge" in r.stdout
     state = torch.load(out / "dmd" / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] == 2 * 3  # two batches of one generator + two fake-score steps
     assert all(k.startswith(("gen.", "fake.")) for k in state["state_dict"])

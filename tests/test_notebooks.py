@@ -6,7 +6,7 @@ from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
 SHOWS = {"tscd_lab.ipynb": "TSCD final (k=1)", "eval_tiny.ipynb": "| tiny-sd15 | 4 | UNet |",  # their tables
-         "feedback_dmd_lab.ipynb": "DMD unified LoRA"}
+         "feedback_dmd_lab.ipynb": "DMD one-step LoRA (t=800)"}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

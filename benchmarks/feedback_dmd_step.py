@@ -1,0 +1,107 @@
+"""Step time and peak memory of the feedback and DMD stages (issue 5's GPU measurement), on random-weight
+components of a registered architecture, through the real LightningModules and Lightning's Trainer.
+
+    python benchmarks/feedback_dmd_step.py --arch sd15 --resolution 512 --scorers-size real --device cuda
+
+The feedback step decodes x'_0 with the VAE and runs the aesthetic predictor and ImageReward (random weights in
+the official layouts) and SOLO R50-FPN on a noised COCO-like image; the DMD step is one generator update plus
+`--fake-updates` fake-score updates (fake score as a LoRA). On a CPU (`--arch tiny-sd15`) it is a smoke test.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from sd_train_memory import StepTimer
+
+from hsd.config import load_config
+from hsd.lit.data import EpochLoader, IndexedBatches
+from hsd.lit.dmd import DMDModule
+from hsd.lit.feedback import FeedbackModule
+from hsd.models import lora as lio
+from hsd.models.components import build_components
+
+
+def fixtures(root: Path, size: str) -> list[str]:
+    """Random scorers, a random SOLO checkpoint and a one-image COCO instances file; their config overrides."""
+    from eval.random_weights import write_random_scorers
+    from hsd.rewards.instance import build_solo
+    write_random_scorers(root / "scorers", size)
+    save_file(build_solo(80).state_dict(), root / "solo.safetensors")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(root / "1.jpg")
+    (root / "instances.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "1.jpg", "height": 480, "width": 640}], "categories": [{"id": 1}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [100, 100, 200, 150],
+                         "segmentation": [[100, 100, 300, 100, 300, 250, 100, 250]]}]}))
+    return [f"feedback.scorers={root / 'scorers'}", f"feedback.solo={root / 'solo.safetensors'}",
+            f"feedback.coco_annotations={root / 'instances.json'}", f"feedback.coco_images={root}"]
+
+
+def measure(module, args, batch_fn) -> tuple[float, float | None]:
+    n = args.warmup + args.steps
+    timer = StepTimer()
+    trainer = L.Trainer(max_steps=n * module.steps_per_update, accelerator="gpu" if args.device == "cuda" else "cpu",
+                        devices=1, precision=args.precision, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    trainer.fit(module, train_dataloaders=EpochLoader(IndexedBatches(batch_fn, 0, n)))
+    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
+    return statistics.median(timer.times[args.warmup:]), peak
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--arch", default="tiny-sd15")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--scorers-size", default="tiny", choices=["tiny", "real"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="bf16-mixed")
+    p.add_argument("--fake-updates", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    args = p.parse_args()
+    from hsd.worlds import SD
+    work = Path(tempfile.mkdtemp())
+    comps = build_components(args.arch)
+    world = args.arch.split("-")[-1]
+    model = comps.save_pretrained(work / "model")
+    cfg = load_config([], [f"world={world}", f"model.path={model}", "data.folder=unused",
+                           f"model.resolution={args.resolution}", *fixtures(work, args.scorers_size),
+                           "feedback.rewards={Aes: {margin: 10.0, weight: 1.0}, ImageReward: {margin: 3.0, weight: 1.0}}",
+                           "feedback.instance_weight=1.0", "feedback.steps=8", "feedback.iterations=1",
+                           f"dmd.fake_updates={args.fake_updates}", "dmd.w_feedback=0.0"])
+    sd = SD(cfg)
+    torch.manual_seed(0)
+    lio.attach_lora(sd.unet, 64, 64)
+    lio.add_adapter(sd.unet, "feedback", 64, 64)
+    lio.add_adapter(sd.unet, "fake", 64, 64)
+
+    def batch(i: int) -> dict:
+        g = torch.Generator().manual_seed(i)
+        return {"pixels": torch.rand(args.batch, 3, args.resolution, args.resolution, generator=g) * 2 - 1,
+                "captions": ["a photograph of an astronaut riding a horse"] * args.batch}
+
+    print(f"{args.arch} at {args.resolution}px, batch {args.batch}, {args.precision}, LoRA rank 64, "
+          f"{args.scorers_size} scorers, device {args.device}")
+    print("| stage | s/step | peak GiB |\n|---|---|---|")
+    stages = {"feedback (Aes + ImageReward + SOLO)": lambda: FeedbackModule(
+                  sd.unet, sd.schedule, cfg.feedback, sd.feedback_loss(), encoder=sd.encoder),
+              f"DMD (1 generator + {args.fake_updates} fake updates)": lambda: DMDModule(
+                  sd.unet, sd.schedule, cfg.dmd, None, encoder=sd.encoder)}
+    for name, make in stages.items():
+        sec, peak = measure(make(), args, batch)
+        print(f"| {name} | {sec:.3f} | {'n/a (CPU)' if peak is None else f'{peak:.1f}'} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
