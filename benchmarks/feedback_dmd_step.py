@@ -1,7 +1,8 @@
 """Step time and peak memory of the feedback and DMD stages (issue 5's GPU measurement), on random-weight
 components of a registered architecture, through the real LightningModules and Lightning's Trainer.
 
-    python benchmarks/feedback_dmd_step.py --arch sd15 --resolution 512 --scorers-size real --device cuda
+    python benchmarks/feedback_dmd_step.py --arch sd15 --resolution 512 --scorers-size real --device cuda \
+        --frozen-dtype bfloat16
 
 The feedback step decodes x'_0 with the VAE and runs the aesthetic predictor and ImageReward (random weights in
 the official layouts) and SOLO R50-FPN on a noised COCO-like image; the DMD step is one generator update plus
@@ -11,19 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from sd_train_memory import StepTimer
+from sd_train_memory import timed_fit
 
 from hsd.config import load_config
-from hsd.lit.data import EpochLoader, IndexedBatches
 from hsd.lit.dmd import DMDModule
 from hsd.lit.feedback import FeedbackModule
 from hsd.models import lora as lio
@@ -45,19 +43,6 @@ def fixtures(root: Path, size: str) -> list[str]:
             f"feedback.coco_annotations={root / 'instances.json'}", f"feedback.coco_images={root}"]
 
 
-def measure(module, args, batch_fn) -> tuple[float, float | None]:
-    n = args.warmup + args.steps
-    timer = StepTimer()
-    trainer = L.Trainer(max_steps=n * module.steps_per_update, accelerator="gpu" if args.device == "cuda" else "cpu",
-                        devices=1, precision=args.precision, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    trainer.fit(module, train_dataloaders=EpochLoader(IndexedBatches(batch_fn, 0, n)))
-    peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
-    return statistics.median(timer.times[args.warmup:]), peak
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="tiny-sd15")
@@ -66,6 +51,8 @@ def main() -> None:
     p.add_argument("--scorers-size", default="tiny", choices=["tiny", "real"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="bf16-mixed")
+    p.add_argument("--frozen-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the frozen UNet/text weights (bfloat16 on a GPU, as the SD recipes train)")
     p.add_argument("--fake-updates", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -77,7 +64,8 @@ def main() -> None:
     model = comps.save_pretrained(work / "model")
     cfg = load_config([], [f"world={world}", f"model.path={model}", "data.folder=unused",
                            f"model.resolution={args.resolution}", *fixtures(work, args.scorers_size),
-                           "feedback.rewards={Aes: {margin: 10.0, weight: 1.0}, ImageReward: {margin: 3.0, weight: 1.0}}",
+                           "feedback.rewards={Aes: {margin: 10.0}, ImageReward: {margin: 3.0}}",
+                           f"model.frozen_dtype={args.frozen_dtype}", f"trainer.precision={args.precision}",
                            "feedback.instance_weight=1.0", "feedback.steps=8", "feedback.iterations=1",
                            f"dmd.fake_updates={args.fake_updates}", "dmd.w_feedback=0.0"])
     sd = SD(cfg)
@@ -85,6 +73,8 @@ def main() -> None:
     lio.attach_lora(sd.unet, 64, 64)
     lio.add_adapter(sd.unet, "feedback", 64, 64)
     lio.add_adapter(sd.unet, "fake", 64, 64)
+    for prm in lio.lora_params(sd.unet).values():  # LoRAs train in fp32 over bf16 frozen weights
+        prm.data = prm.data.float()
 
     def batch(i: int) -> dict:
         g = torch.Generator().manual_seed(i)
@@ -99,7 +89,7 @@ def main() -> None:
               f"DMD (1 generator + {args.fake_updates} fake updates)": lambda: DMDModule(
                   sd.unet, sd.schedule, cfg.dmd, None, encoder=sd.encoder)}
     for name, make in stages.items():
-        sec, peak = measure(make(), args, batch)
+        sec, peak = timed_fit(make(), args, batch)
         print(f"| {name} | {sec:.3f} | {'n/a (CPU)' if peak is None else f'{peak:.1f}'} |", flush=True)
 
 

@@ -57,20 +57,25 @@ def measure(comps, args, micro: int, checkpointing: bool) -> tuple[float, float 
                         args.resolution)
     module = TSCDModule(unet, NoiseSchedule.from_scheduler(comps.scheduler), cfg.tscd.stages[0], cfg.tscd,
                         encoder=enc, disc=disc)
-    n = args.warmup + args.steps
 
     def batch(i: int) -> dict:
         g = torch.Generator().manual_seed(i)
         return {"pixels": torch.rand(micro, 3, args.resolution, args.resolution, generator=g) * 2 - 1,
                 "captions": ["a photograph of an astronaut riding a horse"] * micro}
 
+    return timed_fit(module, args, batch)
+
+
+def timed_fit(module, args, batch_fn) -> tuple[float, float | None]:
+    """(median s per batch after `args.warmup` batches, peak GiB or None on CPU) of `args.steps` batches."""
+    n = args.warmup + args.steps
     timer = StepTimer()
     trainer = L.Trainer(max_steps=n * module.steps_per_update, accelerator="gpu" if args.device == "cuda" else "cpu",
                         devices=1, precision=args.precision, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer])
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    trainer.fit(module, train_dataloaders=EpochLoader(IndexedBatches(batch, 0, n)))
+    trainer.fit(module, train_dataloaders=EpochLoader(IndexedBatches(batch_fn, 0, n)))
     peak = torch.cuda.max_memory_allocated() / 2**30 if args.device == "cuda" else None
     return statistics.median(timer.times[args.warmup:]), peak
 

@@ -44,9 +44,9 @@ LoRA after DMD. The last column is the feedback reward."""),
     code("""out = Path(tempfile.mkdtemp())
 cfg = load_config(["../experiments/lab/hypersd.yaml"], [
     f"out_dir={out}", "name=notebook", "lab.eval_per_class=16", "lab.student_steps=[1, 2]",
-    "trainer.progress_bar=false", "tscd.batch_size=32", "tscd.stages=[{k: 1, iterations: 40}]",
-    "feedback.iterations=30", "feedback.batch_size=32", "dmd.iterations=30",
-    "feedback.merge_weights=[0.0, 0.5, 1.0]", "dmd.batch_size=16"])
+    "trainer.progress_bar=false", "tscd.batch_size=16", "tscd.stages=[{k: 1, iterations: 30}]",
+    "feedback.iterations=20", "feedback.batch_size=16", "feedback.merge_weights=[0.0, 0.5, 1.0]",
+    "dmd.iterations=20", "dmd.batch_size=8", "dmd.fake_updates=2"])
 display(Markdown(run(cfg)))"""),
     md("""## The merge sweep
 `hsd lora merge lora_stage0_k1.safetensors lora_feedback.safetensors:w` writes the same merged LoRA the table
