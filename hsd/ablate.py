@@ -12,11 +12,12 @@ METRICS = [("alignment", "Alignment ↑"), ("fidelity", "Fidelity ↑"), ("traj_
            ("coverage", "Coverage ↑"), ("reward", "Reward ↑")]
 
 
-def table_rows(table_csv: Path, skip_teacher: bool = True) -> dict[tuple[str, int], dict[str, float]]:
-    """{(model, steps): metrics} of one run's table.csv (the teacher rows, equal in every run, left out)."""
+def table_rows(table_csv: Path, skip_teacher: bool = True) -> dict[tuple[str, int, str], dict[str, float]]:
+    """{(model, steps, scheduler): metrics} of one run's table.csv (the teacher rows, equal in every run, left out)."""
     with open(table_csv) as f:
         rows = [r for r in csv.DictReader(f) if not (skip_teacher and r["model"] == "Teacher")]
-    return {(r["model"], int(r["steps"])): {m: float(r[m]) for m, _ in METRICS if m in r} for r in rows}
+    return {(r["model"], int(r["steps"]), r["scheduler"]): {m: float(r[m]) for m, _ in METRICS if m in r}
+            for r in rows}
 
 
 def ablate(paths: list[str], seeds: list[int], overrides: list[str], out: Path) -> str:
@@ -28,15 +29,15 @@ def ablate(paths: list[str], seeds: list[int], overrides: list[str], out: Path) 
             run(cfg)
             results.setdefault(name, []).append(table_rows(out / cfg.name / "table.csv"))
     lines = [f"Mean ± population std over seeds {seeds}", "",
-             "| Config | Model | Steps | " + " | ".join(h for _, h in METRICS) + " |",
-             "|---|---|---|" + "---|" * len(METRICS)]
+             "| Config | Model | Steps | Scheduler | " + " | ".join(h for _, h in METRICS) + " |",
+             "|---|---|---|---|" + "---|" * len(METRICS)]
     for name, per_seed in results.items():
         for key in per_seed[0]:
             cells = []
             for m, _ in METRICS:
                 v = [r[key][m] for r in per_seed if m in r.get(key, {})]
                 cells.append(f"{statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f}" if v else "")
-            lines.append(f"| {name} | {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+            lines.append(f"| {name} | {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(md)
