@@ -84,21 +84,23 @@ def lab_table(cfg: Run, ev: LabEvaluator, unet, made, out: Path) -> str:
     if loras and loras[-1][0] == 1:
         for n in cfg.lab.student_steps:
             add(ev.row("TSCD final (k=1)", unet, n, "tcd"))
-    if made.feedback is not None:
+    # Rows built on the pre-DMD LoRA need it in the UNet: a TSCD file reloaded above, or a LoRA DMD left alone.
+    pre_dmd = bool(loras) or made.dmd is None or cfg.dmd.generator == "full"
+    if made.feedback is not None and pre_dmd:
         load_lora(unet, made.feedback, adapter="feedback")
         for w in cfg.feedback.merge_weights:  # exactly what `hsd lora merge TSCD FEEDBACK:w --unet` fuses
             for n in (1, 4):
                 add(ev.row(f"TSCD + feedback, weights (1, {w:g})", plain_unet(unet, {"default": 1.0, "feedback": w}),
                            n, "tcd"))
     if made.dmd is not None:
-        add_dmd_rows(cfg, ev, unet, made.dmd, add)
+        add_dmd_rows(cfg, ev, unet, made.dmd, add, baseline=pre_dmd)
     md = write_table(rows, out, f"{cfg.name}: lab world, exact metrics ({len(ev.labels)} samples, "
                                 f"reference ODE at CFG {cfg.lab.eval_guidance:g})")
     save_grid(samples, out / "samples.png")
     return md
 
 
-def add_dmd_rows(cfg: Run, ev: LabEvaluator, unet, path: Path, add) -> None:
+def add_dmd_rows(cfg: Run, ev: LabEvaluator, unet, path: Path, add, baseline: bool = True) -> None:
     """Timestep 999 (the unified LoRA): TCD at every student step count. Another timestep (one-step LoRA or
     UNet): LCM at that timestep, beside the TSCD LoRA sampled the same way (so the timestep alone is not
     mistaken for DMD's effect)."""
@@ -109,7 +111,8 @@ def add_dmd_rows(cfg: Run, ev: LabEvaluator, unet, path: Path, add) -> None:
         for n in cfg.lab.student_steps:
             add(ev.row("DMD unified LoRA (t=999)", unet, n, "tcd"))
         return
-    add(ev.row("TSCD final (k=1)", unet, 1, "lcm", timestep=d.timestep))
+    if baseline:
+        add(ev.row("TSCD final (k=1)", unet, 1, "lcm", timestep=d.timestep))
     if d.generator == "lora":
         load_lora(unet, path)
         add(ev.row(f"DMD one-step LoRA (t={d.timestep})", unet, 1, "lcm", timestep=d.timestep))
