@@ -107,7 +107,8 @@ def plain_unet(unet, fuse: dict[str, float] | None = None):
     plain = UNet2DConditionModel.from_config(unet.config)
     plain.load_state_dict(base)  # copies, in the base weights' dtype
     for adapter, w in (fuse or {}).items():
-        _fuse(plain, unet_lora(unet, adapter), w, f"adapter {adapter!r}")
+        modules, where = unet_lora(unet, adapter), f"adapter {adapter!r}"
+        _fuse(_base_layers(plain, modules, where), modules, w, where)
     return plain.requires_grad_(False)
 
 
@@ -138,11 +139,11 @@ def load_lora_adapter(unet, path: str | os.PathLike, adapter_name: str = "defaul
     """Add a new trainable adapter shaped like the file (ranks, alphas, target modules) holding its weights, e.g. to
     train on from a released Hyper-SD LoRA. The base UNet is frozen; returns the adapter's LoRA parameters."""
     lora = read_lora(path, unet.config)
-    _base_layers(unet, lora)  # fail on unknown modules before touching the UNet
+    _base_layers(unet, lora.modules, lora.path)  # fail on unknown modules before touching the UNet
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(**peft_config_kwargs(lora.modules)), adapter_name=adapter_name)
     _load_into(unet, lora, adapter_name)
-    params = {n: p for n, p in lora_params(unet).items() if f".{adapter_name}." in n}
+    params = lora_params(unet, adapter_name)
     for p in params.values():
         p.requires_grad_(True)
     return params
@@ -153,14 +154,13 @@ def fuse_loras(unet, paths: list[str | os.PathLike], weights: list[float]) -> No
     if len(paths) != len(weights):
         raise ValueError(f"{len(paths)} LoRA files but {len(weights)} weights")
     loras = [read_lora(p, unet.config) for p in paths]
-    for lora in loras:  # all checked before any weight changes
-        _base_layers(unet, lora)
-    for lora, w in zip(loras, weights):
-        _fuse(unet, lora.modules, w, lora.path)
+    targets = [_base_layers(unet, lora.modules, lora.path) for lora in loras]  # all checked before any change
+    for lora, layers, w in zip(loras, targets, weights):
+        _fuse(layers, lora.modules, w, lora.path)
 
 
-def _fuse(unet, modules: dict[str, LoraModule], weight: float, where) -> None:
-    layers = _base_layers(unet, LoraFile(Path(str(where)), "", modules, {}))
+def _fuse(layers: dict[str, torch.nn.Module], modules: dict[str, LoraModule], weight: float, where) -> None:
+    """Add weight * scale * B A of each module into its base layer (`layers` from `_base_layers`)."""
     with torch.no_grad():
         for name, m in modules.items():
             w = layers[name].weight
@@ -175,7 +175,7 @@ def _load_into(unet, lora: LoraFile, adapter: str) -> None:
     layers = _lora_layers(unet, adapter)
     if not layers:
         raise LoraFormatError(f"the UNet has no LoRA adapter {adapter!r} to load {lora.path} into")
-    _require_known(lora, set(layers), f"LoRA layer of adapter {adapter!r}")
+    _require_known(lora.modules, lora.path, set(layers), f"LoRA layer of adapter {adapter!r}")
     updates = []  # all checked before any is written, so a bad file leaves the adapter as it was
     for name, layer in layers.items():
         a, b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
@@ -194,20 +194,20 @@ def _load_into(unet, lora: LoraFile, adapter: str) -> None:
             param.copy_(value)
 
 
-def _base_layers(unet, lora: LoraFile) -> dict[str, torch.nn.Module]:
-    """The plain Linear/Conv2d each LoRA module targets (under any peft wrapper)."""
+def _base_layers(unet, lora: dict[str, LoraModule], where) -> dict[str, torch.nn.Module]:
+    """The plain Linear/Conv2d each LoRA module targets (under any peft wrapper); `where` names the LoRA."""
     modules = dict(unet.named_modules())
     layers = {n: modules[n].get_base_layer() if isinstance(modules.get(n), LoraLayer) else modules.get(n)
-              for n in lora.modules}
-    _require_known(lora, {n for n, m in layers.items() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))},
-                   "Linear/Conv2d module")
+              for n in lora}
+    plain = {n for n, m in layers.items() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
+    _require_known(lora, where, plain, "Linear/Conv2d module")
     return layers
 
 
-def _require_known(lora: LoraFile, known: set[str], what: str) -> None:
-    unknown = [n for n in lora.modules if n not in known]
+def _require_known(lora: dict[str, LoraModule], where, known: set[str], what: str) -> None:
+    unknown = [n for n in lora if n not in known]
     if unknown:
-        raise LoraFormatError(f"{lora.path}: {len(unknown)} of its {len(lora.modules)} modules match no {what} of "
+        raise LoraFormatError(f"{where}: {len(unknown)} of its {len(lora)} modules match no {what} of "
                               f"this UNet, e.g. {', '.join(unknown[:3])}")
 
 
