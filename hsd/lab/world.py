@@ -100,16 +100,17 @@ class LabWorld:
 
     def log_prob(self, x: Tensor) -> Tensor:
         """log p_data(x) per sample [B] under the whole (unconditional) mixture."""
-        K = self.n_classes * self.n_modes
-        quad = -self._sq_dist(x) / (2 * self.sigma ** 2)
-        return torch.logsumexp(quad, -1) - math.log(K) - 0.5 * self.dim * math.log(2 * math.pi * self.sigma ** 2)
+        return self._mixture_log_prob(self._sq_dist(x))
 
     def class_log_prob(self, x: Tensor, labels: Tensor) -> Tensor:
         """log p_data(x | class) per sample [B]: the lab's exact, differentiable reward for feedback learning
         (divide by `dim` for nats/dim, the fidelity metric's scale)."""
-        quad = -((x.double().flatten(1)[:, None] - self._components(labels, len(x))) ** 2).sum(-1)
-        quad = quad / (2 * self.sigma ** 2)
-        return (torch.logsumexp(quad, -1) - math.log(self.n_modes)
+        diff = x.double().flatten(1)[:, None] - self._components(labels, len(x))
+        return self._mixture_log_prob((diff ** 2).sum(-1))
+
+    def _mixture_log_prob(self, sq_dist: Tensor) -> Tensor:
+        """log of an equal-weight mixture of N(mu_k, sigma^2 I), from squared distances [B, K] to its means."""
+        return (torch.logsumexp(-sq_dist / (2 * self.sigma ** 2), -1) - math.log(sq_dist.shape[-1])
                 - 0.5 * self.dim * math.log(2 * math.pi * self.sigma ** 2))
 
     def nearest_mode(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -54,6 +54,15 @@ class TextConditioner(nn.Module):
                                       "time_ids": add["time_ids"]}}
 
 
+@torch.no_grad()
+def vae_encode(vae, pixels: Tensor, g: torch.Generator) -> Tensor:
+    """Pixels in [-1, 1] -> scaled latents sampled with `g` (float32). The VAE runs outside autocast in its own
+    dtype: SDXL's VAE overflows in fp16/bf16 (force_upcast)."""
+    with torch.autocast(pixels.device.type, enabled=False):
+        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+    return (dist.sample(generator=g) * vae.config.scaling_factor).float()
+
+
 class LatentEncoder(nn.Module):
     """{pixels in [-1, 1] | latents, captions, sizes} -> {x0 latents, cond, uncond}; everything frozen."""
 
@@ -64,13 +73,7 @@ class LatentEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: dict, g: torch.Generator) -> dict:
-        if "latents" in batch:  # precomputed offline
-            x0 = batch["latents"]
-        else:
-            # The VAE runs outside autocast in its own dtype: SDXL's VAE overflows in fp16/bf16 (force_upcast).
-            with torch.autocast(batch["pixels"].device.type, enabled=False):
-                dist = self.vae.encode(batch["pixels"].to(self.vae.dtype)).latent_dist
-                x0 = dist.sample(generator=g) * self.vae.config.scaling_factor
+        x0 = batch["latents"] if "latents" in batch else vae_encode(self.vae, batch["pixels"], g)  # or offline
         cond = self.text(batch["captions"], batch.get("original_size"), batch.get("crop_top_left"),
                          (self.resolution, self.resolution))
         return {**batch, "x0": x0.float(), "cond": cond, "uncond": self.text.uncond(cond)}

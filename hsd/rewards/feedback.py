@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from ..config import Feedback
 from ..diffusion.schedule import NoiseSchedule, add_noise
 from ..losses.feedback import reward_hinge
+from ..models.conditioning import vae_encode
 
 # denoise(x_t, t [B], cond) -> x'_0 with gradient to the trained weights
 Denoise = Callable[[Tensor, Tensor, object], Tensor]
@@ -44,11 +45,9 @@ class VaeDecoder(nn.Module):
             x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)  # ReFL's mapping; saturated pixels pass no gradient
 
-    @torch.no_grad()
     def encode(self, pixels: Tensor, g: torch.Generator) -> Tensor:
-        with torch.autocast(pixels.device.type, enabled=False):
-            dist = self.vae.encode((pixels * 2 - 1).to(self.vae.dtype)).latent_dist
-        return dist.sample(generator=g).float() * self.vae.config.scaling_factor
+        """Pixels in [0, 1] -> latents (no gradient)."""
+        return vae_encode(self.vae, pixels * 2 - 1, g)
 
 
 class ScorerRewards(nn.Module):
