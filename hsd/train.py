@@ -3,6 +3,7 @@ LoRA and the DMD stage when configured, then the world's report. A finished stag
 interrupted stage resumes from its last checkpoint."""
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,10 +83,11 @@ def run(cfg: Run) -> str:
     _fp32_lora(unet)
     made = Artefacts()
     unet = tscd_stages(cfg, world, unet, out, made)
+    feedback_loss = functools.cache(world.feedback_loss)  # scorers and SOLO load once, and only when a stage trains
     if cfg.feedback.iterations:
-        made.feedback = feedback_stage(cfg, world, unet, out)
+        made.feedback = feedback_stage(cfg, world, unet, out, feedback_loss)
     if cfg.dmd.iterations:
-        made.dmd = dmd_stage(cfg, world, unet, out)
+        made.dmd = dmd_stage(cfg, world, unet, out, feedback_loss)
     return world.report(made, out)
 
 
@@ -115,7 +117,7 @@ def tscd_stages(cfg: Run, world, unet, out: Path, made: Artefacts):
     return unet
 
 
-def feedback_stage(cfg: Run, world, unet, out: Path) -> Path:
+def feedback_stage(cfg: Run, world, unet, out: Path, feedback_loss) -> Path:
     """The feedback LoRA, trained on top of the frozen TSCD LoRA; the UNet is left running the TSCD LoRA alone."""
     path = out / "lora_feedback.safetensors"
     L.seed_everything(cfg.seed + 50, verbose=False)
@@ -124,7 +126,7 @@ def feedback_stage(cfg: Run, world, unet, out: Path) -> Path:
     if path.exists():
         lora_io.load_lora(unet, path, adapter=FEEDBACK)
     else:
-        module = FeedbackModule(unet, world.schedule, cfg.feedback, world.feedback_loss(), seed=cfg.seed * 100 + 50,
+        module = FeedbackModule(unet, world.schedule, cfg.feedback, feedback_loss(), seed=cfg.seed * 100 + 50,
                                 encoder=world.encoder, fsdp=cfg.trainer.strategy == "fsdp")
         trainer = fit(cfg, world, module, out / "feedback", cfg.feedback.iterations, cfg.feedback.batch_size,
                       cfg.seed * 100 + 50)
@@ -140,7 +142,7 @@ def dmd_path(out: Path, d) -> Path:
     return out / ("lora_unified.safetensors" if d.timestep == 999 else f"lora_onestep_t{d.timestep}.safetensors")
 
 
-def dmd_stage(cfg: Run, world, unet, out: Path) -> Path:
+def dmd_stage(cfg: Run, world, unet, out: Path, feedback_loss) -> Path:
     """DMD on the TSCD LoRA: a LoRA (generator=lora) or the one-step UNet folder (generator=full)."""
     d = cfg.dmd
     path = dmd_path(out, d)
@@ -154,7 +156,7 @@ def dmd_stage(cfg: Run, world, unet, out: Path) -> Path:
         _fp32_lora(unet)
     gen = lora_io.plain_unet(unet, {"default": 1.0}).float().requires_grad_(True) if d.generator == "full" else None
     fake = lora_io.plain_unet(unet).float().requires_grad_(True) if d.fake == "full" else None
-    module = DMDModule(unet, world.schedule, d, world.feedback_loss() if d.w_feedback else None,
+    module = DMDModule(unet, world.schedule, d, feedback_loss() if d.w_feedback else None,
                        seed=cfg.seed * 100 + 60, encoder=world.encoder, fsdp=cfg.trainer.strategy == "fsdp",
                        generator_unet=gen, fake_unet=fake)
     trainer = fit(cfg, world, module, out / "dmd", d.iterations, d.batch_size, cfg.seed * 100 + 60)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from ..diffusion.schedule import NoiseSchedule
+from ..diffusion.schedule import NoiseSchedule, eps_to_x0
 from ..models.lora import adapters_off
 
 
@@ -47,6 +47,14 @@ class StageModule(L.LightningModule):
 
     def eps(self, x: Tensor, t: Tensor, cond, unet: nn.Module | None = None) -> Tensor:
         return (unet or self.unet)(x, t, **unet_kwargs(cond)).sample
+
+    def student_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
+        """The network being trained (the UNet with its active adapters, unless a stage trains a copy)."""
+        return self.eps(x, t, cond)
+
+    def denoise(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
+        """One student step with gradient: x0 predicted from x_t (t [B])."""
+        return eps_to_x0(x_t, self.student_eps(x_t, t, cond), *self.schedule.coeffs(t, x_t))
 
     def teacher_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
         with self.teacher():

@@ -41,7 +41,8 @@ class DMDModule(StageModule):
         self.t_lo, self.t_hi = int(cfg.t_min * (schedule.T - 1)), int(cfg.t_max * (schedule.T - 1))
 
     # ---- the three networks ----
-    def gen_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
+    def student_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
+        """The generator: the UNet's "default" adapter, or the full copy."""
         return self.eps(x, t, cond, self.gen_unet)
 
     def fake_scope(self):
@@ -53,19 +54,20 @@ class DMDModule(StageModule):
             return self.eps(x, t, cond, self.fake_unet)
 
     # ---- samples and targets ----
-    def denoise(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
-        """The generator's x0 prediction from x_t (t [B]), with gradient."""
-        return eps_to_x0(x_t, self.gen_eps(x_t, t, cond), *self.schedule.coeffs(t, x_t))
-
     def generate(self, z: Tensor, cond) -> Tensor:
         return self.denoise(z, torch.full((z.shape[0],), self.cfg.timestep, device=z.device), cond)
+
+    def noised(self, x0: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_t, t, noise) with t ~ U[t_min T, t_max T]: the noise levels of both the DMD gradient and the fake loss."""
+        t = torch.randint(self.t_lo, self.t_hi + 1, (x0.shape[0],), generator=g).to(x0.device)
+        noise = torch.randn(x0.shape, generator=g).to(x0)
+        return add_noise(x0, noise, *self.schedule.coeffs(t, x0)), t, noise
 
     @torch.no_grad()
     def scores(self, x0: Tensor, cond, uncond, g: torch.Generator) -> tuple[Tensor, Tensor]:
         """x0 predictions of the real (teacher, CFG) and fake scores from one noising of x0."""
-        t = torch.randint(self.t_lo, self.t_hi + 1, (x0.shape[0],), generator=g).to(x0.device)
+        x_t, t, _ = self.noised(x0, g)
         a, s = self.schedule.coeffs(t, x0)
-        x_t = add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), a, s)
         real = eps_to_x0(x_t, guided_eps(self.teacher_eps, x_t, t, cond, uncond, self.cfg.guidance), a, s)
         return real, eps_to_x0(x_t, self.fake_eps(x_t, t, cond), a, s)
 
@@ -104,9 +106,7 @@ class DMDModule(StageModule):
         return loss.detach()
 
     def _fake_update(self, opt, x0: Tensor, cond, g: torch.Generator) -> Tensor:
-        t = torch.randint(self.t_lo, self.t_hi + 1, (x0.shape[0],), generator=g).to(x0.device)
-        noise = torch.randn(x0.shape, generator=g).to(x0)
-        x_t = add_noise(x0, noise, *self.schedule.coeffs(t, x0))
+        x_t, t, noise = self.noised(x0, g)
         with self.fake_scope():  # forward and backward with the fake adapter trainable
             loss = fake_score_loss(self.eps(x_t, t, cond, self.fake_unet), noise)
             self.manual_backward(loss)

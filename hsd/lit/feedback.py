@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, Feedback
-from ..diffusion.schedule import NoiseSchedule, eps_to_x0
+from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.segments import inference_timesteps
 from ..diffusion.solvers import ddim_step
 from ..models.lora import lora_params, use_adapters
@@ -33,10 +33,6 @@ class FeedbackModule(StageModule):
         if not self.stops:
             raise ConfigError(f"feedback.t_range {cfg.t_range} holds none of the {cfg.steps}-step grid's timesteps "
                               f"{self.grid.tolist()}")
-
-    def denoise(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
-        """One step with gradient: x'_0 predicted from x_t (t [B])."""
-        return eps_to_x0(x_t, self.eps(x_t, t, cond), *self.schedule.coeffs(t, x_t))
 
     def x0_from_noise(self, batch: dict, g: torch.Generator) -> Tensor:
         """x_T -> (no gradient) the grid step t_j, j drawn from the stops in t_range -> x'_0 (gradient)."""

@@ -36,10 +36,7 @@ class TSCDModule(StageModule):
         self.ema = EMA(lora_params(unet))
         self.grid = ddim_grid(schedule.T, stage.grid_steps)  # CPU: times are drawn with a CPU generator
 
-    # ---- the three eps functions: student (self.eps), frozen teacher (self.teacher_eps), EMA target ----
-    def student_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
-        return self.eps(x, t, cond)
-
+    # ---- the three eps functions: student_eps and teacher_eps (StageModule), the EMA target ----
     def ema_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
         return functional_call(self.unet, self.ema.tensors(), (x, t), unet_kwargs(cond), strict=False).sample
 
