@@ -89,9 +89,9 @@ def lab_table(cfg: Run, ev: LabEvaluator, unet, made, out: Path) -> str:
     if made.feedback is not None and pre_dmd:
         load_lora(unet, made.feedback, adapter="feedback")
         for w in cfg.feedback.merge_weights:  # exactly what `hsd lora merge TSCD FEEDBACK:w --unet` fuses
+            merged = plain_unet(unet, {"default": 1.0, "feedback": w})
             for n in (1, 4):
-                add(ev.row(f"TSCD + feedback, weights (1, {w:g})", plain_unet(unet, {"default": 1.0, "feedback": w}),
-                           n, "tcd"))
+                add(ev.row(f"TSCD + feedback, weights (1, {w:g})", merged, n, "tcd"))
     if made.dmd is not None:
         add_dmd_rows(cfg, ev, unet, made.dmd, add, baseline=pre_dmd)
     md = write_table(rows, out, f"{cfg.name}: lab world, exact metrics ({len(ev.labels)} samples, "
