@@ -18,12 +18,14 @@ from PIL import Image
 from torchvision.transforms import CenterCrop, InterpolationMode, Resize
 from torchvision.transforms.functional import pil_to_tensor
 
+from hsd.errors import HsdError
+
 SIZE = 224
 MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP; also ImageReward's and PickScore's processors
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class UnreadableImage(ValueError):
+class UnreadableImage(HsdError, ValueError):
     """An image file that PIL cannot decode (missing, truncated, not an image)."""
 
 

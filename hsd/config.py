@@ -14,12 +14,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .errors import ConfigError
 from .models.lora import DEFAULT_TARGETS
-
-
-class ConfigError(ValueError):
-    pass
-
 
 WORLDS = ("lab", "sd15", "sdxl")
 DTYPES = ("float32", "bfloat16", "float16")

@@ -18,6 +18,7 @@ from diffusers import DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..diffusion.schedule import NoiseSchedule
+from ..errors import MissingFileError
 from ..io import atomic_dir
 from .world import LabWorld
 
@@ -27,7 +28,7 @@ CHARS = "abcdefghijklmnopqrstuvwxyz"
 MAX_LEN = 16
 
 
-class MissingTeacherError(FileNotFoundError):
+class MissingTeacherError(MissingFileError):
     pass
 
 

@@ -15,6 +15,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from ..errors import HsdError
+
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
 _VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
@@ -75,7 +77,7 @@ ARCHS: dict[str, Arch] = {
 }
 
 
-class ModelError(ValueError):
+class ModelError(HsdError, ValueError):
     """A model path or architecture that cannot serve the run (missing folder, SDXL settings on SD1.5...)."""
 
 

@@ -20,6 +20,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..errors import HsdError
 from ..io import atomic_path
 
 FORMATS = ("diffusers", "kohya")
@@ -35,7 +36,7 @@ MANAGED_METADATA = ("format", ADAPTER_METADATA)  # rewritten on every save, neve
 SD_UNET_CONFIG = SimpleNamespace(layers_per_block=2)
 
 
-class LoraFormatError(ValueError):
+class LoraFormatError(HsdError, ValueError):
     pass
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ..errors import HsdError
 from ..io import atomic_path
 
 SCHEDULERS = ("ddim", "tcd", "lcm", "default")
@@ -31,7 +32,7 @@ LORA_LAYOUTS = ("safetensors in the diffusers layout ('unet.<module>.lora_A.weig
                 "or the kohya layout ('lora_unet_<module>.lora_down.weight')")
 
 
-class GenerateError(ValueError):
+class GenerateError(HsdError, ValueError):
     """Arguments that cannot make images: no prompts, mismatched prompts and seeds, an unknown recipe."""
 
 

@@ -13,12 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import HsdError
+
 SOLO_CONFIG = "solo/solo_r50_fpn_1x_coco.py"
 MEAN = (123.675, 116.28, 103.53)     # RGB order, on a 0-255 scale (the config's data_preprocessor)
 STD = (58.395, 57.12, 57.375)
 
 
-class InstanceLossError(ValueError):
+class InstanceLossError(HsdError, ValueError):
     """A SOLO checkpoint or instance annotation that cannot serve the instance loss."""
 
 
