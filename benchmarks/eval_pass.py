@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval.clip import TransformersStyleClip
-from eval.imagereward_weights import synthetic_image
-from eval.random_weights import write_random_scorers
 from eval.run import Item, ModelSpec, Store, evaluate_spec, item_key, weights_fingerprint
-from eval.scorers import METRICS, load_scorers
+from hsd.scorers.clip import TransformersStyleClip
+from hsd.scorers.imagereward_weights import synthetic_image
+from hsd.scorers.random_weights import write_random_scorers
+from hsd.scorers.scorers import METRICS, load_scorers
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTIONS = ["A man riding a wave on top of a surfboard.", "A kitchen with wooden cabinets and a white stove.",

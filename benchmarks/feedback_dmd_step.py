@@ -30,8 +30,8 @@ from hsd.models.components import build_components
 
 def fixtures(root: Path, size: str) -> list[str]:
     """Random scorers, a random SOLO checkpoint and a one-image COCO instances file; their config overrides."""
-    from eval.random_weights import write_random_scorers
     from hsd.rewards.instance import build_solo
+    from hsd.scorers.random_weights import write_random_scorers
     write_random_scorers(root / "scorers", size)
     save_file(build_solo(80).state_dict(), root / "solo.safetensors")
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (480, 640, 3), dtype=np.uint8)).save(root / "1.jpg")

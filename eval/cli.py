@@ -5,25 +5,33 @@ torch and the models are imported inside the command, so `hsd --help` stays fast
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-METRIC_NAMES = ("CLIP", "Aes", "ImageReward", "PickScore")   # = eval.scorers.METRICS, without importing torch
+from hsd.errors import ConfigError, MissingFileError, run_guarded
+
+METRIC_NAMES = ("CLIP", "Aes", "ImageReward", "PickScore")   # = hsd.scorers.scorers.METRICS, without torch
 
 
 def specs_from_args(args) -> list:
+    import yaml
     from omegaconf import OmegaConf
+
     from .run import ModelSpec
     if args.spec:
         specs = []
         for path in args.spec:
-            data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+            if not Path(path).is_file():
+                raise MissingFileError(f"model spec file not found: {path}")
+            try:
+                data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not a YAML file: {' '.join(str(e).split())}") from e
             if not isinstance(data, dict) or not isinstance(data.get("specs"), list):
-                raise ValueError(f"{path}: expected a 'specs:' list of model specs")
+                raise ConfigError(f"{path}: expected a 'specs:' list of model specs")
             specs += [ModelSpec.from_dict(d) for d in data["specs"]]
         return specs
     if not args.model:
-        raise ValueError("give --spec FILE.yaml or --model FOLDER (with --steps)")
+        raise ConfigError("give --spec FILE.yaml or --model FOLDER (with --steps)")
     return [ModelSpec(name=args.name or Path(args.model).name, model=args.model, steps=steps,
                       scheduler=args.scheduler, guidance=args.guidance, lora=tuple(args.lora), unet=args.unet,
                       eta=args.eta, dtype=args.dtype, size=args.size, paper=args.paper) for steps in args.steps]
@@ -42,35 +50,31 @@ def prompts_from_args(args) -> list[str]:
 
 
 def cmd_eval(args) -> None:
-    from hsd.models.components import ModelError
-    from hsd.pipelines.generate import GenerateError
+    """User errors (hsd.errors.HsdError) propagate to the caller's one handler: hsd's CLI or `main` below."""
+    from .coco import prompts_sha256
     from .run import run_eval
     from .table import markdown, rows
-    try:
-        specs = specs_from_args(args)
-        prompts = prompts_from_args(args)
-        summaries = run_eval(specs, prompts, args.weights, args.out, tuple(args.metrics), args.seed,
-                             args.batch_size, args.device)
-    except (ModelError, GenerateError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"hsd eval: error: {e}")
-    from .coco import prompts_sha256
+    specs = specs_from_args(args)
+    prompts = prompts_from_args(args)
+    summaries = run_eval(specs, prompts, args.weights, args.out, tuple(args.metrics), args.seed,
+                         args.batch_size, args.device)
     print(markdown(rows(summaries), prompts_sha256(prompts), args.seed))
     print(f"tables written to {args.out}/table.{{md,csv,json}}")
 
 
 def cmd_random_scorers(args) -> None:
-    from .random_weights import write_random_scorers
+    from hsd.scorers.random_weights import write_random_scorers
     print(f"wrote random-weight {args.size} scorers to {write_random_scorers(args.out, args.size, args.seed)}")
 
 
 def eval_arguments(e: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    from hsd.pipelines.generate import DTYPES, SCHEDULERS, _positive, parse_lora
+    from hsd.pipelines.generate import DTYPES, SCHEDULERS, parse_lora, positive_int
     e.add_argument("--weights", type=Path, required=True, help="scorer weights folder (layout: docs/eval.md)")
     e.add_argument("--metrics", nargs="+", choices=METRIC_NAMES, default=list(METRIC_NAMES))
     src = e.add_mutually_exclusive_group(required=True)
     src.add_argument("--coco", type=Path, metavar="JSON", help="captions_val2017.json: COCO-5k prompts")
     src.add_argument("--prompts", type=Path, metavar="FILE", help="text file, one prompt per line")
-    e.add_argument("--limit", type=_positive, help="only the first N prompts")
+    e.add_argument("--limit", type=positive_int, help="only the first N prompts")
     e.add_argument("--spec", type=Path, nargs="+", help="YAML file(s) with a 'specs:' list (one table row each)")
     e.add_argument("--model", help="diffusers folder (instead of --spec)")
     e.add_argument("--name", help="row label (default: the model folder's name)")
@@ -79,12 +83,12 @@ def eval_arguments(e: argparse.ArgumentParser) -> argparse.ArgumentParser:
     e.add_argument("--unet", help="UNet folder or .safetensors replacing the model's")
     e.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
     e.add_argument("--eta", type=float)
-    e.add_argument("--steps", type=_positive, nargs="+", default=[1], help="one row per step count")
+    e.add_argument("--steps", type=positive_int, nargs="+", default=[1], help="one row per step count")
     e.add_argument("--guidance", type=float, default=0.0)
     e.add_argument("--dtype", choices=DTYPES, default="float32")
     e.add_argument("--size", type=int, help="image side (default: the model's native size)")
     e.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    e.add_argument("--batch-size", type=_positive, default=8)
+    e.add_argument("--batch-size", type=positive_int, default=8)
     e.add_argument("--device", default="cpu")
     e.add_argument("--out", type=Path, required=True, help="run folder: images, scores, tables")
     e.set_defaults(fn=cmd_eval)
@@ -104,7 +108,9 @@ def add_eval_commands(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m eval` takes `hsd eval`'s arguments."""
-    args = eval_arguments(argparse.ArgumentParser(prog="python -m eval", description=__doc__.splitlines()[0]))
+    """`python -m eval` takes `hsd eval`'s arguments; a user error prints one line and exits with status 2
+    (HSD_DEBUG=1 shows the traceback)."""
+    prog = "python -m eval"
+    args = eval_arguments(argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0]))
     args = args.parse_args(argv)
-    args.fn(args)
+    run_guarded(lambda: args.fn(args), prog)

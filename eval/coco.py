@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from hsd.errors import ConfigError, MissingFileError
 from hsd.io import atomic_path
 
 
@@ -18,7 +19,7 @@ def coco_captions(annotations: str | Path) -> list[tuple[int, str]]:
     """(image_id, caption) pairs from a COCO captions file (e.g. annotations/captions_val2017.json)."""
     path = Path(annotations)
     if not path.is_file():
-        raise FileNotFoundError(f"COCO captions file not found: {path} (e.g. annotations/captions_val2017.json)")
+        raise MissingFileError(f"COCO captions file not found: {path} (e.g. annotations/captions_val2017.json)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
         first: dict[int, tuple[int, str]] = {}
@@ -28,8 +29,8 @@ def coco_captions(annotations: str | Path) -> list[tuple[int, str]]:
                 first[a["image_id"]] = key
         image_ids = sorted({im["id"] for im in data["images"]})
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"{path} is not a COCO captions file (needs 'images' with 'id' and 'annotations' "
-                         f"with 'id', 'image_id', 'caption'): {type(e).__name__}: {e}") from e
+        raise ConfigError(f"{path} is not a COCO captions file (needs 'images' with 'id' and 'annotations' "
+                          f"with 'id', 'image_id', 'caption'): {type(e).__name__}: {e}") from e
     return [(i, first[i][1]) for i in image_ids if i in first]
 
 

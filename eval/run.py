@@ -13,16 +13,16 @@ import hashlib
 import json
 import os
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from hsd.errors import ConfigError
 from hsd.io import atomic_path
-
-from .images import UnreadableImage, crop224, open_rgb, to_unit
-from .scorers import LOADERS, METRICS, score_batch
+from hsd.scorers.images import UnreadableImage, crop224, open_rgb, to_unit
+from hsd.scorers.scorers import LOADERS, METRICS, load_scorers, score_batch
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,16 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
+        if not isinstance(d, dict):
+            raise ConfigError(f"a model spec must be a mapping of {list(cls.__dataclass_fields__)}, got {d!r}")
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown model spec keys {sorted(unknown)}; known: {list(cls.__dataclass_fields__)}")
+            raise ConfigError(f"unknown model spec keys {sorted(unknown)}; known: {list(cls.__dataclass_fields__)}")
+        required = [k for k, f in cls.__dataclass_fields__.items()
+                    if f.default is MISSING and f.default_factory is MISSING]
+        absent = [k for k in required if k not in d]
+        if absent:
+            raise ConfigError(f"model spec {d.get('name', d)!r} lacks {absent}; required: {required}")
         lora = tuple((str(p), float(w)) for p, w in (d.get("lora") or ()))
         return cls(**{**d, "lora": lora})
 
@@ -185,7 +192,6 @@ def run_eval(specs: list[ModelSpec], prompts: list[str], weights: str | Path, ou
              metrics=METRICS, seed: int = 0, batch_size: int = 8, device: str = "cpu", load=None):
     """Every spec over every prompt; writes out/table.{md,csv,json} and returns the summaries."""
     from .coco import prompts_sha256
-    from .scorers import load_scorers
     from .table import write_tables
     out = Path(out)
     scorers = load_scorers(weights, tuple(metrics), device)

@@ -1,8 +1,11 @@
-"""`hsd`: the one entry point. train | generate | eval | lora | lab | lab-teacher | ablate | random-model | random-scorers."""
+"""`hsd`: the one entry point. train | generate | eval | lora | lab | lab-teacher | ablate | random-model | random-scorers.
+
+A user error (hsd.errors.HsdError: a bad config key or value, a missing or foreign file) prints one line,
+`hsd: error: <message>`, and exits with status 2; `hsd --debug ...` or HSD_DEBUG=1 shows its traceback.
+"""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -15,9 +18,10 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
 
 def cmd_train(args) -> None:
     from .config import load_config
-    from .train import run
     paths, overrides = _split(args.items)
-    print(run(load_config(paths, overrides)))
+    cfg = load_config(paths, overrides)  # before importing Lightning: a config error is reported at once
+    from .train import run
+    print(run(cfg))
 
 
 def cmd_lab(args) -> None:
@@ -46,6 +50,8 @@ def cmd_random_model(args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="hsd", description="Hyper-SD training (TSCD, feedback, DMD) and the lab")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a user error instead of one line (also: HSD_DEBUG=1)")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="train from YAML configs and key=value overrides")
     t.add_argument("items", nargs="+", metavar="CONFIG|key=value")
@@ -77,14 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     add_lora_commands(sub)
     add_eval_commands(sub)
     args = p.parse_args(argv)
-    from .config import ConfigError
-    from .lab.teacher import MissingTeacherError
-    from .models.components import ModelError
-    from .models.lora import LoraFormatError
-    try:
-        args.fn(args)
-    except (ConfigError, MissingTeacherError, ModelError, LoraFormatError, FileNotFoundError) as e:
-        sys.exit(f"hsd: error: {e}")
+    from .errors import run_guarded
+    run_guarded(lambda: args.fn(args), "hsd", args.debug)  # a user error: one line, exit status 2
 
 
 if __name__ == "__main__":

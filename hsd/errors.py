@@ -31,11 +31,23 @@ def debug_enabled(flag: bool = False) -> bool:
     return flag or os.environ.get("HSD_DEBUG", "") not in ("", "0")
 
 
+class UserExit(SystemExit):
+    """Exit status 2 that still reads as the line the user was shown (for callers and tests that catch it)."""
+
+    def __init__(self, line: str):
+        super().__init__(USAGE)
+        self.line = line
+
+    def __str__(self) -> str:
+        return self.line
+
+
 def fail(prog: str, error: BaseException) -> NoReturn:
     """Print `prog: error: <first line>` to stderr and exit with status 2."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    print(f"{prog}: error: {first}", file=sys.stderr)
-    sys.exit(USAGE)
+    line = f"{prog}: error: {first}"
+    print(line, file=sys.stderr)
+    raise UserExit(line)
 
 
 def run_guarded(fn: Callable[[], object], prog: str, debug: bool = False) -> object:

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import HsdError
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
@@ -41,6 +43,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+class WeightsError(HsdError, ValueError):
+    """A weights file that hsd will not unpickle (it could run code) or cannot read."""
+
+
 # Data-only types that training frameworks' checkpoint metadata pickles (numpy arrays and scalars, mmengine's
 # `meta`); `load_weights(..., numpy_metadata=True)` admits them by name, anything else is still refused by name.
 NUMPY_GLOBALS = {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
@@ -63,7 +69,7 @@ def load_weights(path: str | os.PathLike, numpy_metadata: bool = False) -> dict:
         with torch.serialization.safe_globals(allowed):
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:   # the unpickler's own messages name the refused global, keep them
-        raise ValueError(f"{path} is not a plain tensor checkpoint that loads with weights_only=True "
+        raise WeightsError(f"{path} is not a plain tensor checkpoint that loads with weights_only=True "
                          f"({type(e).__name__}: {e}); convert it to safetensors") from e
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
@@ -75,7 +81,7 @@ def _numpy_globals(path: Path) -> list:
     needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     unknown = needed - NUMPY_GLOBALS
     if unknown:
-        raise ValueError(f"{path} pickles types that are not plain data: {sorted(unknown)}; "
+        raise WeightsError(f"{path} pickles types that are not plain data: {sorted(unknown)}; "
                          f"save its 'state_dict' as .safetensors instead")
     allowed = [getattr(importlib.import_module(g.rsplit(".", 1)[0]), g.rsplit(".", 1)[1]) for g in needed]
     if needed:   # a numpy dtype's class is pickled inside it without being listed

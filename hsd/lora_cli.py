@@ -63,7 +63,8 @@ def load_unet(model_dir: Path):
     for folder, subfolder in ((model_dir / "unet", "unet"), (model_dir, None)):
         if (folder / "config.json").is_file():
             return UNet2DConditionModel.from_pretrained(model_dir, subfolder=subfolder)
-    raise FileNotFoundError(f"{model_dir} is neither a diffusers UNet folder (config.json) nor a pipeline folder "
+    from .errors import MissingFileError
+    raise MissingFileError(f"{model_dir} is neither a diffusers UNet folder (config.json) nor a pipeline folder "
                             f"(unet/config.json)")
 
 

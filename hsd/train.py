@@ -1,138 +1,141 @@
-"""The one training entry point: TSCD stages k = 8 -> 4 -> 2 -> 1 (each resuming the last), then the feedback
-LoRA and the DMD stage when configured, then the world's report. A finished stage's artefact is reused, an
-interrupted stage resumes from its last checkpoint."""
+"""The one training entry point: a plan of stages (TSCD k = 8 -> 4 -> 2 -> 1, then the feedback LoRA and DMD when
+configured), run by one loop, then the world's report.
+
+Every stage is described the same way (`Stage`): its folder, its artefact, its seed slot, the settings that shape
+it, the adapters it needs, how to build its LightningModule and how to save what it trained. The loop gives each
+the same treatment: seed, prepare its adapters, then reuse its artefact if it exists, or train it (resuming its
+last checkpoint) inside a scope that leaves the UNet's adapters as it found them.
+"""
 from __future__ import annotations
 
 import functools
-import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import lightning as L
-import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+import yaml
 
-from .config import Run, save_config
-from .io import atomic_dir
-from .lit.dmd import FAKE, DMDModule
-from .lit.feedback import ADAPTER as FEEDBACK, FeedbackModule
-from .lit.strategies import AtomicCheckpointIO, make_strategy
+from .config import save_config
+from .errors import ConfigError
+from .io import atomic_dir, atomic_path
+from .lit.dmd import DMDModule
+from .lit.feedback import FeedbackModule
+from .lit.trainer import last_checkpoint, make_trainer
 from .lit.tscd import TSCDModule
-from .models import lora as lora_io
+from .models.adapters import FAKE, FEEDBACK, TSCD, Adapters
 from .models.discriminator import FeatureDiscriminator, feature_channels
-from .worlds import WORLDS
+from .worlds import Artefacts, build_world
+
+if TYPE_CHECKING:
+    from .config import Run
+    from .lit.base import StageModule
+    from .worlds import World
+
+FEEDBACK_SLOT, DMD_SLOT = 50, 60  # seed slots; TSCD stage i has slot i
 
 
-# Checkpoints are taken after the update on purpose: their state matches their global_step (exact resume).
-warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+def stage_seeds(seed: int, slot: int) -> tuple[int, int]:
+    """(the global RNG seed set before the stage: new LoRA factors and model copies; the seed of its batches and
+    per-batch noise). The one place seeds derive from the run's seed."""
+    return seed + slot, seed * 100 + slot
 
 
 @dataclass
-class Artefacts:
-    """What a run produced: TSCD LoRAs per k, the feedback LoRA, the DMD generator (LoRA file or UNet folder)."""
-    tscd: list[tuple[int, Path]] = field(default_factory=list)
-    feedback: Path | None = None
-    dmd: Path | None = None
-
-
-def stage_lora_path(out: Path, i: int, k: int) -> Path:
-    return out / f"lora_stage{i}_k{k}.safetensors"
-
-
-def make_trainer(cfg: Run, sdir: Path, max_steps: int, ckpt_every: int, callbacks=(),
-                 trained: list[torch.nn.Parameter] = ()) -> L.Trainer:
-    t = cfg.trainer
-    return L.Trainer(
-        max_steps=max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=make_strategy(cfg, trained), precision=t.precision,
-        logger=TensorBoardLogger(sdir.parent, name="tensorboard", version=sdir.name),
-        callbacks=[ModelCheckpoint(dirpath=sdir / "checkpoints", save_last=True, save_top_k=0,
-                                   every_n_train_steps=ckpt_every), *callbacks],
-        plugins=[AtomicCheckpointIO()], log_every_n_steps=t.log_every, enable_progress_bar=t.progress_bar,
-        enable_model_summary=False, num_sanity_val_steps=0, deterministic=t.accelerator == "cpu")
-
-
-def last_checkpoint(sdir: Path) -> Path | None:
-    last = sdir / "checkpoints" / "last.ckpt"
-    return last if last.exists() else None
-
-
-def fit(cfg: Run, world, module, sdir: Path, updates: int, batch_size: int, seed: int, callbacks=()) -> L.Trainer:
-    """Train `module` for `updates` batches' worth of updates, resuming from sdir's last checkpoint."""
-    n = module.steps_per_update
-    data = world.data(updates * module.accumulate, seed, lambda tr: module.batches_done(tr.global_step) if tr else 0,
-                      batch_size)
-    trainer = make_trainer(cfg, sdir, updates * n, cfg.trainer.ckpt_every * n, callbacks,
-                           list(lora_io.lora_params(module.unet).values()))
-    trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(sdir))
-    return trainer
+class Stage:
+    kind: str                                       # tscd | feedback | dmd
+    name: str                                       # progress bar and messages: "tscd k=8", "feedback", "dmd"
+    folder: Path                                    # checkpoints/ and settings.yaml
+    artefact: Path                                  # a LoRA file or a UNet folder: its existence means done
+    slot: int
+    updates: int                                    # optimizer updates (batches, before accumulation)
+    batch_size: int
+    settings: dict                                  # the flattened config keys that shape it
+    build: Callable[[int], StageModule]             # batch seed -> the module
+    save: Callable[[L.Trainer, StageModule], None]  # write the artefact (rank 0)
+    reuse: Callable[[], None] = lambda: None        # load the artefact instead of training
+    prepare: Callable[[], None] = lambda: None      # adapters the stage needs, trained or reused
+    callbacks: tuple = ()
 
 
 def run(cfg: Run) -> str:
-    """Train every configured stage (skipping finished ones, resuming an interrupted one), then report."""
+    """Train every stage of the plan (reusing finished ones, resuming an interrupted one), then report."""
     out = Path(cfg.out_dir) / cfg.name
-    save_config(cfg, out / "config.yaml")
-    world = WORLDS[cfg.world](cfg)
-    unet = world.unet
+    world = build_world(cfg)
+    adapters = Adapters(world.unet)
     L.seed_everything(cfg.seed, verbose=False)  # the LoRA's A matrices are drawn at random
-    if cfg.model.lora_init:
-        lora_io.load_lora_adapter(unet, cfg.model.lora_init)
-    else:
-        lora_io.attach_lora(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
-    _fp32_lora(unet)
-    made = Artefacts()
-    unet = tscd_stages(cfg, world, unet, out, made)
+    adapters.attach(TSCD, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, init=cfg.model.lora_init)
+    plan = stage_plan(cfg, world, adapters, out)
+    refuse_changed_settings(plan)
+    save_config(cfg, out / "config.yaml")
+    for stage in plan:
+        run_stage(cfg, world, adapters, stage)
+    made = Artefacts(tscd=[(s.k, stage.artefact) for s, stage in zip(cfg.tscd.stages, plan)],
+                     **{stage.kind: stage.artefact for stage in plan if stage.kind != "tscd"})
+    return world.report(made, out, adapters)
+
+
+def run_stage(cfg: Run, world: World, adapters: Adapters, stage: Stage) -> None:
+    global_seed, batch_seed = stage_seeds(cfg.seed, stage.slot)
+    L.seed_everything(global_seed, verbose=False)
+    stage.prepare()
+    if stage.artefact.exists():
+        stage.reuse()
+        return
+    _write_settings(stage)
+    with adapters.restoring():
+        module = stage.build(batch_seed)
+        n = module.steps_per_update
+        data = world.data(stage.updates * module.accumulate, batch_seed, stage.batch_size)
+        trainer = make_trainer(cfg, stage.folder, stage.updates * n, cfg.trainer.ckpt_every * n, stage.callbacks,
+                               list(adapters.params().values()), stage.name)
+        trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(stage.folder))
+        adapters.unet = module.unet  # under FSDP the wrapped UNet, which later stages keep using
+        stage.save(trainer, module)
+        trainer.strategy.barrier()
+
+
+def stage_plan(cfg: Run, world: World, adapters: Adapters, out: Path) -> list[Stage]:
     feedback_loss = functools.cache(world.feedback_loss)  # scorers and SOLO load once, and only when a stage trains
+    plan = tscd_stages(cfg, world, adapters, out)
     if cfg.feedback.iterations:
-        made.feedback = feedback_stage(cfg, world, unet, out, feedback_loss)
+        plan.append(feedback_stage(cfg, world, adapters, out, feedback_loss))
     if cfg.dmd.iterations:
-        made.dmd = dmd_stage(cfg, world, unet, out, feedback_loss)
-    return world.report(made, out)
+        plan.append(dmd_stage(cfg, world, adapters, out, feedback_loss))
+    return plan
 
 
-def _fp32_lora(unet) -> None:
-    for p in lora_io.lora_params(unet).values():  # trained in fp32 even when the frozen weights are bf16
-        p.data = p.data.float()
+def tscd_stages(cfg: Run, world: World, adapters: Adapters, out: Path) -> list[Stage]:
+    t, fsdp = cfg.tscd, cfg.trainer.strategy == "fsdp"
+    disc = None  # one discriminator for every adversarial stage, drawn right after the LoRA
+    if any(s.w_adv > 0 for s in t.stages):
+        disc = FeatureDiscriminator(feature_channels(adapters.unet), t.adv.hidden)
+    plan = []
+    for i, s in enumerate(t.stages):
+        artefact = out / f"lora_stage{i}_k{s.k}.safetensors"
+        meta = {"k": str(s.k), "stage": "tscd"}
+        plan.append(Stage(
+            kind="tscd", name=f"tscd k={s.k}", folder=out / f"stage{i}_k{s.k}", artefact=artefact, slot=i,
+            updates=max(1, round(s.iterations * t.iteration_scale)), batch_size=t.batch_size,
+            settings=shaping_settings(cfg, "tscd", i),
+            build=lambda seed, s=s: TSCDModule(adapters.unet, world.schedule, s, t, seed=seed, encoder=world.encoder,
+                                               disc=disc, fsdp=fsdp),
+            save=lambda trainer, _, path=artefact, meta=meta: _save_lora(cfg, trainer, adapters, TSCD, path, meta),
+            reuse=lambda path=artefact: adapters.load(path), callbacks=tuple(world.callbacks(s.k))))
+    return plan
 
 
-def tscd_stages(cfg: Run, world, unet, out: Path, made: Artefacts):
-    disc = None
-    if any(s.w_adv > 0 for s in cfg.tscd.stages):
-        disc = FeatureDiscriminator(feature_channels(unet), cfg.tscd.adv.hidden)
-    for i, stage in enumerate(cfg.tscd.stages):
-        path = stage_lora_path(out, i, stage.k)
-        if path.exists():
-            lora_io.load_lora(unet, path)
-        else:
-            L.seed_everything(cfg.seed + i, verbose=False)
-            module = TSCDModule(unet, world.schedule, stage, cfg.tscd, seed=cfg.seed * 100 + i,
-                                encoder=world.encoder, disc=disc, fsdp=cfg.trainer.strategy == "fsdp")
-            steps = max(1, round(stage.iterations * cfg.tscd.iteration_scale))
-            trainer = fit(cfg, world, module, out / f"stage{i}_k{stage.k}", steps, cfg.tscd.batch_size,
-                          cfg.seed * 100 + i, world.callbacks(stage.k))
-            unet = module.unet  # under FSDP the sharded UNet, which the next stages keep using
-            _save_lora(trainer, path, unet, {"k": str(stage.k), "stage": "tscd"}, cfg)
-        made.tscd.append((stage.k, path))
-    return unet
-
-
-def feedback_stage(cfg: Run, world, unet, out: Path, feedback_loss) -> Path:
-    """The feedback LoRA, trained on top of the frozen TSCD LoRA; the UNet is left running the TSCD LoRA alone."""
-    path = out / "lora_feedback.safetensors"
-    L.seed_everything(cfg.seed + 50, verbose=False)
-    lora_io.add_adapter(unet, FEEDBACK, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
-    _fp32_lora(unet)
-    if path.exists():
-        lora_io.load_lora(unet, path, adapter=FEEDBACK)
-    else:
-        module = FeedbackModule(unet, world.schedule, cfg.feedback, feedback_loss(), seed=cfg.seed * 100 + 50,
-                                encoder=world.encoder, fsdp=cfg.trainer.strategy == "fsdp")
-        trainer = fit(cfg, world, module, out / "feedback", cfg.feedback.iterations, cfg.feedback.batch_size,
-                      cfg.seed * 100 + 50)
-        _save_lora(trainer, path, unet, {"stage": "feedback"}, cfg, adapter=FEEDBACK)
-    lora_io.use_adapters(unet, ["default"], ("default",))
-    return path
+def feedback_stage(cfg: Run, world: World, adapters: Adapters, out: Path, feedback_loss) -> Stage:
+    """The feedback LoRA, trained on top of the frozen TSCD LoRA."""
+    f, artefact = cfg.feedback, out / "lora_feedback.safetensors"
+    return Stage(
+        kind="feedback", name="feedback", folder=out / "feedback", artefact=artefact, slot=FEEDBACK_SLOT, updates=f.iterations,
+        batch_size=f.batch_size, settings=shaping_settings(cfg, "feedback"),
+        prepare=lambda: adapters.attach(FEEDBACK, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets),
+        build=lambda seed: FeedbackModule(adapters.unet, world.schedule, f, feedback_loss(), seed=seed,
+                                          encoder=world.encoder, fsdp=cfg.trainer.strategy == "fsdp"),
+        save=lambda trainer, _: _save_lora(cfg, trainer, adapters, FEEDBACK, artefact, {"stage": "feedback"}),
+        reuse=lambda: adapters.load(artefact, FEEDBACK))
 
 
 def dmd_path(out: Path, d) -> Path:
@@ -142,36 +145,97 @@ def dmd_path(out: Path, d) -> Path:
     return out / ("lora_unified.safetensors" if d.timestep == 999 else f"lora_onestep_t{d.timestep}.safetensors")
 
 
-def dmd_stage(cfg: Run, world, unet, out: Path, feedback_loss) -> Path:
+def dmd_stage(cfg: Run, world: World, adapters: Adapters, out: Path, feedback_loss) -> Stage:
     """DMD on the TSCD LoRA: a LoRA (generator=lora) or the one-step UNet folder (generator=full)."""
-    d = cfg.dmd
-    path = dmd_path(out, d)
-    if path.exists():
+    d, artefact = cfg.dmd, dmd_path(out, cfg.dmd)
+
+    def prepare():
+        if d.fake == "lora":
+            adapters.attach(FAKE, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
+
+    def build(seed: int) -> DMDModule:
+        gen = adapters.fused({TSCD: 1.0}).float().requires_grad_(True) if d.generator == "full" else None
+        fake = adapters.fused().float().requires_grad_(True) if d.fake == "full" else None
+        return DMDModule(adapters.unet, world.schedule, d, feedback_loss() if d.w_feedback else None, seed=seed,
+                         encoder=world.encoder, fsdp=cfg.trainer.strategy == "fsdp", generator_unet=gen,
+                         fake_unet=fake)
+
+    def save(trainer: L.Trainer, module: DMDModule) -> None:
         if d.generator == "lora":
-            lora_io.load_lora(unet, path)
-        return path
-    L.seed_everything(cfg.seed + 60, verbose=False)
-    if d.fake == "lora":
-        lora_io.add_adapter(unet, FAKE, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
-        _fp32_lora(unet)
-    gen = lora_io.plain_unet(unet, {"default": 1.0}).float().requires_grad_(True) if d.generator == "full" else None
-    fake = lora_io.plain_unet(unet).float().requires_grad_(True) if d.fake == "full" else None
-    module = DMDModule(unet, world.schedule, d, feedback_loss() if d.w_feedback else None,
-                       seed=cfg.seed * 100 + 60, encoder=world.encoder, fsdp=cfg.trainer.strategy == "fsdp",
-                       generator_unet=gen, fake_unet=fake)
-    trainer = fit(cfg, world, module, out / "dmd", d.iterations, d.batch_size, cfg.seed * 100 + 60)
-    if d.generator == "lora":
-        _save_lora(trainer, path, unet, {"stage": "dmd", "timestep": str(d.timestep)}, cfg)
-    elif trainer.is_global_zero:
-        with atomic_dir(path) as tmp:
-            module.gen_unet.save_pretrained(tmp)
-    trainer.strategy.barrier()
-    return path
+            _save_lora(cfg, trainer, adapters, TSCD, artefact, {"stage": "dmd", "timestep": str(d.timestep)})
+        elif trainer.is_global_zero:
+            with atomic_dir(artefact) as tmp:
+                module.gen_unet.save_pretrained(tmp)
+
+    return Stage(kind="dmd", name="dmd", folder=out / "dmd", artefact=artefact, slot=DMD_SLOT, updates=d.iterations,
+                 batch_size=d.batch_size, settings=shaping_settings(cfg, "dmd"), prepare=prepare, build=build,
+                 save=save, reuse=lambda: adapters.load(artefact) if d.generator == "lora" else None)
 
 
-def _save_lora(trainer: L.Trainer, path: Path, unet, meta: dict, cfg: Run, adapter: str = "default") -> None:
-    meta = {**meta, "rank": str(cfg.lora.rank), "alpha": str(cfg.lora.alpha), "world": cfg.world}
+def _save_lora(cfg: Run, trainer: L.Trainer, adapters: Adapters, name: str, path: Path, meta: dict) -> None:
     if trainer.is_global_zero:
-        lora_io.save_lora(path, unet, meta, adapter=adapter)
-        lora_io.save_lora(path.with_suffix(".kohya.safetensors"), unet, meta, fmt="kohya", adapter=adapter)
-    trainer.strategy.barrier()
+        adapters.save(path, name, {**meta, "rank": str(cfg.lora.rank), "alpha": str(cfg.lora.alpha),
+                                   "world": cfg.world})
+
+
+# ---- the settings that shape a stage: a rerun into the same folder must not change them ----
+# Keys that shape no stage: names and places, logging, the report's own settings, data loading speed.
+COSMETIC = ("name", "out_dir", "trainer.accelerator", "trainer.progress_bar", "trainer.log_every", "trainer.ckpt_every", "trainer.logger",
+            "trainer.strategy", "data.num_workers", "data.sample_prompts", "feedback.merge_weights")
+REPORT_ONLY = "lab."  # the lab's evaluation settings; lab.teacher, the model itself, does shape every stage
+
+
+def shaping_settings(cfg: Run, kind: str, index: int = 0) -> dict:
+    """The flattened settings that TSCD stage `index`, the feedback stage or the DMD stage depends on: the shared
+    ones (seed, world, model, LoRA, data, precision, devices), every TSCD setting of the stages up to it, and
+    the stage's own section (DMD also the feedback rewards when it uses them)."""
+    from omegaconf import OmegaConf
+    flat = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    keep = {}
+    for key, value in flat.items():
+        section = key.split(".")[0]
+        if key.startswith(COSMETIC) or (key.startswith(REPORT_ONLY) and key != "lab.teacher"):
+            continue
+        if section == "tscd" and kind == "tscd" and key.startswith("tscd.stages."):
+            if int(key.split(".")[2]) > index:
+                continue
+        if section == "feedback" and not (kind == "feedback" or (kind == "dmd" and cfg.dmd.w_feedback)):
+            continue
+        if section == "dmd" and kind != "dmd":
+            continue
+        keep[key] = value
+    return keep
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        return {prefix[:-1]: tree}
+    out = {}
+    for k, v in items:
+        out |= _flatten(v, f"{prefix}{k}.")
+    return out
+
+
+def refuse_changed_settings(plan: list[Stage]) -> None:
+    """A stage that already has an artefact or a checkpoint must not be reused or resumed under other settings."""
+    for stage in plan:
+        saved = stage.folder / "settings.yaml"
+        if not saved.exists() or not (stage.artefact.exists() or last_checkpoint(stage.folder)):
+            continue
+        before = yaml.safe_load(saved.read_text()) or {}
+        # keys of only one side (a field a newer hsd added or dropped) are not held against the run
+        changed = sorted(k for k in before.keys() & stage.settings.keys() if before[k] != stage.settings[k])
+        if changed:
+            diffs = ", ".join(f"{k}: {before[k]!r} -> {stage.settings[k]!r}" for k in changed[:4])
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise ConfigError(f"{stage.folder.parent} already holds stage '{stage.name}' trained with other settings "
+                              f"({diffs}{more}); use another name= or out_dir=, or restore those settings")
+
+
+def _write_settings(stage: Stage) -> None:
+    with atomic_path(stage.folder / "settings.yaml") as tmp:
+        Path(tmp).write_text(yaml.safe_dump(stage.settings, sort_keys=True))

@@ -4,7 +4,7 @@ Runs ONLY in the pinned reference env (bash scripts/imagereward_reference.sh bui
   1. builds BLIP's med_config (real BERT-base architecture, vocab_size = synthetic vocab + [DEC] + [ENC]);
   2. writes the synthetic vocab as ./bert-base-uncased/vocab.txt in a temp dir and chdirs there, so the package's
      BertTokenizer.from_pretrained('bert-base-uncased') resolves locally (HF_HUB_OFFLINE=1);
-  3. saves random_imagereward_state_dict(med_config, seed) (eval/imagereward_weights.py, imported by file path:
+  3. saves random_imagereward_state_dict(med_config, seed) (hsd/scorers/imagereward_weights.py, imported by file path:
      it needs only torch) as ImageReward.pt and loads it with ImageReward.load(path, device='cpu', med_config=...),
      checking that every tensor really landed (the package loads with strict=False);
   4. calls the package's own model.score(prompt, pil_image), one pair at a time, on deterministic synthetic images;
@@ -42,7 +42,8 @@ CASES = [
 
 
 def _weights_module():
-    spec = importlib.util.spec_from_file_location("imagereward_weights", ROOT / "eval" / "imagereward_weights.py")
+    path = ROOT / "hsd" / "scorers" / "imagereward_weights.py"
+    spec = importlib.util.spec_from_file_location("imagereward_weights", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -109,11 +110,11 @@ def main() -> None:
         "about": "image-reward==1.5 ImageReward.score(prompt, pil_image) on a synthetic checkpoint; "
                  "made by scripts/imagereward_reference.sh (scripts/imagereward_golden.py)",
         "versions": _versions(),
-        "weights": "eval/imagereward_weights.py:random_imagereward_state_dict(med_config, seed)",
+        "weights": "hsd/scorers/imagereward_weights.py:random_imagereward_state_dict(med_config, seed)",
         "seed": SEED,
-        "images": "eval/imagereward_weights.py:synthetic_image(seed, width, height)",
+        "images": "hsd/scorers/imagereward_weights.py:synthetic_image(seed, width, height)",
         "med_config": med,
-        "vocab_generator": "eval/imagereward_weights.py:synthetic_bert_vocab()",
+        "vocab_generator": "hsd/scorers/imagereward_weights.py:synthetic_bert_vocab()",
         "vocab": vocab,
         "cases": cases,
     }

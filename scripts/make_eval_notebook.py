@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from IPython.display import Markdown, display
 from hsd.models.components import build_components
-from eval.random_weights import write_random_scorers
+from hsd.scorers.random_weights import write_random_scorers
 from eval.run import ModelSpec, run_eval
 from eval.coco import prompts_sha256
 from eval.table import markdown, rows

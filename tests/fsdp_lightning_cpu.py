@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-import hsd.train
+import hsd.lit.trainer
 from hsd.lit.strategies import fsdp_kwargs, unet_fsdp_strategy
 
 
@@ -30,7 +30,7 @@ def _fsdp_init(self, module, *args, device_id=None, **kwargs):
     _init(self, module, *args, device_id=torch.device("cpu") if device_id is None else device_id, **kwargs)
 
 
-_make_strategy, hsd.train.make_strategy = hsd.train.make_strategy, make_strategy
+_make_strategy, hsd.lit.trainer.make_strategy = hsd.lit.trainer.make_strategy, make_strategy
 _init, FullyShardedDataParallel.__init__ = FullyShardedDataParallel.__init__, _fsdp_init
 
 if __name__ == "__main__":

@@ -69,6 +69,12 @@ def _brace(d):
     return f"{d}/shard-{{000..003}}.tar"
 
 
+def _trainer(rank=0, world=1, done=0):
+    """What the data module reads of an attached trainer: its rank, world size and the batches already done."""
+    progress = SimpleNamespace(batch_progress=SimpleNamespace(total=SimpleNamespace(processed=done)))
+    return SimpleNamespace(global_rank=rank, world_size=world, fit_loop=SimpleNamespace(epoch_loop=progress))
+
+
 def _batches(trainer=None, **kw):
     kw = {"resolution": R, "batch_size": 2, "steps": 5, "seed": 1} | kw
     dm = ImageTextData(**kw)
@@ -149,12 +155,12 @@ def test_same_seed_same_batches_and_exact_resume(kind, shards, folder):
     full = _batches(**kw)
     assert all(_same(a, b) for a, b in zip(full, _batches(**kw)))
     assert not all(_same(a, b) for a, b in zip(full, _batches(**kw | {"seed": 2})))
-    resumed = _batches(**kw, start_fn=lambda trainer: 3)
+    resumed = _batches(_trainer(done=3), **kw)
     assert [b["index"] for b in resumed] == [3, 4, 5, 6] and all(_same(a, b) for a, b in zip(full[3:], resumed))
 
 
 def test_two_ranks_read_disjoint_shards(shards):
-    ranks = [_batches(SimpleNamespace(global_rank=r, world_size=2, global_step=0), shards=_brace(shards),
+    ranks = [_batches(_trainer(rank=r, world=2), shards=_brace(shards),
                       batch_size=1, steps=2) for r in range(2)]  # each rank has >= 4 samples per pass
     assert [[b["index"] for b in bs] for bs in ranks] == [[0, 2], [1, 3]]
     c0, c1 = ({c for b in bs for c in b["captions"]} for bs in ranks)
@@ -165,7 +171,7 @@ def test_two_ranks_split_a_folder_pass(tmp_path):
     for i, size in enumerate(SIZES[:6]):
         (tmp_path / f"{i}.png").write_bytes(_encode(*size, "PNG", seed=i))
         (tmp_path / f"{i}.txt").write_text(f"cap-{i}")
-    ranks = [_batches(SimpleNamespace(global_rank=r, world_size=2, global_step=0), folder=str(tmp_path),
+    ranks = [_batches(_trainer(rank=r, world=2), folder=str(tmp_path),
                       batch_size=1, steps=3) for r in range(2)]  # 2 ranks x 3 batches of 1: one pass
     assert [[b["index"] for b in bs] for bs in ranks] == [[0, 2, 4], [1, 3, 5]]
     c0, c1 = ({c for b in bs for c in b["captions"]} for bs in ranks)

@@ -17,12 +17,12 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from eval import clip
 from eval.coco import coco5k, coco_captions, prompts_sha256
-from eval.images import check_unit, crop224, normalize, to_unit
-from eval.random_weights import write_random_scorers
 from eval.run import ModelSpec, run_eval
-from eval.scorers import AES_HEAD, ClipScorer, load_scorers, score_batch
+from hsd.scorers import clip
+from hsd.scorers.images import check_unit, crop224, normalize, to_unit
+from hsd.scorers.random_weights import write_random_scorers
+from hsd.scorers.scorers import AES_HEAD, ClipScorer, load_scorers, score_batch
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon, highly detailed",
@@ -269,7 +269,7 @@ def test_table_puts_paper_numbers_beside_matching_rows(weights, tiny_model, tmp_
 
 def test_eval_cli_errors(weights, tmp_path):
     from eval.cli import METRIC_NAMES
-    from eval.scorers import METRICS
+    from hsd.scorers.scorers import METRICS
     from hsd.cli import main
     assert METRIC_NAMES == METRICS
     spec = tmp_path / "spec.yaml"
@@ -299,7 +299,7 @@ def test_experiment_specs_name_paper_rows():
 
 def test_differentiable_crop_tracks_the_pil_crop():
     """`resize_crop` (the training rewards' path) is close to the evaluation crop and passes gradients."""
-    from eval.images import resize_crop
+    from hsd.scorers.images import resize_crop
     image = _images(1, 512)[0].resize((512, 384))
     x = to_unit(pil_to_tensor(image)[None]).requires_grad_(True)
     ours = resize_crop(x)

@@ -7,12 +7,12 @@ import torch
 from hsd.config import ConfigError, load_config
 from hsd.diffusion.schedule import NoiseSchedule, eps_to_x0
 from hsd.lab.teacher import load_teacher
-from hsd.lit.data import LabData
 from hsd.lit.dmd import DMDModule
 from hsd.lit.feedback import FeedbackModule
 from hsd.models import lora as lio
-from hsd.rewards.feedback import FeedbackLoss, LabReward
-from hsd.train import make_trainer
+from hsd.lit.trainer import make_trainer
+from hsd.rewards.feedback import FeedbackLoss
+from hsd.worlds.lab import LabData, LabReward
 
 FEEDBACK = ["feedback.rewards={lab: {margin: 1.3, weight: 1.0}}", "feedback.steps=4", "feedback.batch_size=8",
             "feedback.lr=1e-3", "dmd.batch_size=8", "dmd.lr=1e-3", "dmd.fake_lr=1e-3", "dmd.mse_steps=4",
@@ -133,7 +133,7 @@ def _fit(module_fn, world, out, updates, ckpt=None, losses=None):
 
     n = module.steps_per_update
     trainer = make_trainer(cfg, out, updates * n, 2 * n, [Rec()] if losses is not None else [])
-    data = LabData(world, emb[:-1], emb[-1:], 8, 4, seed=2, start_fn=lambda tr: module.batches_done(tr.global_step))
+    data = LabData(world, emb[:-1], emb[-1:], 8, 4, seed=2)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt)
     return module
 

@@ -25,7 +25,7 @@ pytest.importorskip("mmdet", reason="the instance loss needs mmdet: bash scripts
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """Random scorers, a random SOLO checkpoint, a two-image COCO instances file, an image-text folder."""
-    from eval.random_weights import write_random_scorers
+    from hsd.scorers.random_weights import write_random_scorers
     from hsd.rewards.instance import build_solo
     root = tmp_path_factory.mktemp("feedback")
     write_random_scorers(root / "scorers", "tiny")

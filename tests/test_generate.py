@@ -164,14 +164,12 @@ def test_errors_name_their_cause(models, tmp_path):
     with pytest.raises(GenerateError, match="one seed per image"):
         load_generator(sd15.folder).generate(["a", "b"], 1, [0])
 
-    parser = argparse.ArgumentParser()
-    add_generate_command(parser.add_subparsers())
+    from hsd.cli import main  # the one handler of user errors: one line, exit status 2
     (tmp_path / "empty.txt").write_text("\n  \n")
     for model_dir, prompt, message in [(sd15.folder, ["--prompts", str(tmp_path / "empty.txt")], "holds no prompts"),
                                        (tmp_path / "nowhere", ["--prompt", "a"], "model not found: .*nowhere")]:
-        args = parser.parse_args(["generate", "--model", str(model_dir), *prompt, "--steps", "1", "--out", "o"])
         with pytest.raises(SystemExit, match=message):
-            args.fn(args)
+            main(["generate", "--model", str(model_dir), *prompt, "--steps", "1", "--out", "o"])
 
 
 def test_parse_lora():

@@ -1,4 +1,4 @@
-"""Our ImageReward (eval/imagereward.py, transformers 5 BLIP classes) against the image-reward==1.5 package.
+"""Our ImageReward (hsd/scorers/imagereward.py, transformers 5 BLIP classes) against the image-reward==1.5 package.
 
 tests/fixtures/imagereward_golden.json holds the package's own `ImageReward.score(prompt, pil_image)` on a
 synthetic full-size checkpoint, made in the pinned old stack by `bash scripts/imagereward_reference.sh`. Here the
@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.imagereward import (ImageRewardScorer, imagereward_key_map, imagereward_official_shapes,
-                              load_imagereward, med_config_for, random_imagereward_state_dict,
-                              synthetic_bert_vocab, synthetic_image, write_bert_vocab)
-from eval.imagereward_weights import tensor_sha256
-from eval.images import crop224 as shared_crop
-from eval.images import to_unit
+from hsd.scorers.imagereward import (ImageRewardScorer, imagereward_key_map, imagereward_official_shapes,
+                                     load_imagereward, med_config_for, random_imagereward_state_dict,
+                                     synthetic_bert_vocab, synthetic_image, write_bert_vocab)
+from hsd.scorers.imagereward_weights import tensor_sha256
+from hsd.scorers.images import crop224 as shared_crop
+from hsd.scorers.images import to_unit
 
 FIXTURE = Path(__file__).parent / "fixtures" / "imagereward_golden.json"
 TINY_VISION = dict(width=64, depth=2)
@@ -31,7 +31,7 @@ def write_test_bert_vocab(folder: Path, vocab: list[str] | None = None) -> int:
 
 
 def crop224(image: Image.Image) -> torch.Tensor:
-    """The eval pass's shared crop (eval/images.py), as float in [0, 1]: what the package's preprocessing does
+    """The eval pass's shared crop (hsd/scorers/images.py), as float in [0, 1]: what the package's preprocessing does
     before its normalisation."""
     return to_unit(shared_crop(image)[None])[0]
 

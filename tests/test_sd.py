@@ -138,11 +138,10 @@ def _sd_module(name: str, w_adv: float = 1.0):
 
 def _fit(images: Path, out: Path, updates: int, ckpt=None, record=None):
     from hsd.data import ImageTextData
-    from hsd.train import make_trainer
+    from hsd.lit.trainer import make_trainer
     module, cfg = _sd_module("tiny-sd15")
     n = module.steps_per_update
-    data = ImageTextData(folder=str(images), resolution=16, batch_size=2, steps=4, seed=3,
-                         start_fn=lambda tr: module.batches_done(tr.global_step) if tr else 0)
+    data = ImageTextData(folder=str(images), resolution=16, batch_size=2, steps=4, seed=3)
     trainer = make_trainer(cfg, out, updates * n, 2 * n, [record] if record else [])
     trainer.fit(module, datamodule=data, ckpt_path=ckpt)
     return module

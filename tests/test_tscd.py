@@ -7,12 +7,12 @@ from hsd.config import load_config
 from hsd.diffusion.segments import ddim_grid, sample_times
 from hsd.diffusion.solvers import ddim_step
 from hsd.lab.teacher import MissingTeacherError, load_teacher
-from hsd.lit.data import LabData
 from hsd.lit.tscd import TSCDModule
+from hsd.worlds.lab import LabData
 from hsd.losses.consistency import tscd_loss
 from hsd.models.ema import EMA
 from hsd.models.lora import LoraFormatError, load_lora, lora_params, save_lora
-from hsd.train import make_trainer
+from hsd.lit.trainer import make_trainer
 
 
 def _module(lab_parts, k=4, iterations=6):
@@ -96,8 +96,7 @@ def test_resume_reproduces_uninterrupted_losses(world, tmp_path, accumulate):
         module = TSCDModule(teacher.unet, NoiseSchedule.from_scheduler(teacher.scheduler),
                             cfg.tscd.stages[0], cfg.tscd, seed=5)
         trainer = make_trainer(cfg, out / "stage0_k2", updates, 3, [rec])
-        data = LabData(world, emb[:-1], emb[-1:], 8, 7 * accumulate, seed=5,
-                       start_fn=lambda tr: module.batches_done(tr.global_step))
+        data = LabData(world, emb[:-1], emb[-1:], 8, 7 * accumulate, seed=5)
         trainer.fit(module, datamodule=data, ckpt_path=ckpt)
         assert trainer.global_step == updates  # optimizer updates, not micro-batches
         return module

@@ -9,6 +9,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import MissingFileError
+from .sources import DataError
+
 
 class CocoInstances:
     """Images that have at least one non-crowd instance; labels are the category ids' ranks (0..79 on COCO)."""
@@ -16,12 +19,12 @@ class CocoInstances:
     def __init__(self, annotations: str | Path, images: str | Path):
         path = Path(annotations)
         if not path.is_file():
-            raise FileNotFoundError(f"COCO instances file not found: {path} (annotations/instances_train2017.json)")
+            raise MissingFileError(f"COCO instances file not found: {path} (annotations/instances_train2017.json)")
         data = json.loads(path.read_text())
         anns = [a for a in data.get("annotations", []) if "segmentation" in a and "category_id" in a
                 and not a.get("iscrowd", 0)]
         if not anns or not data.get("categories"):
-            raise ValueError(f"{path} has no instance annotations (annotations with 'segmentation' and "
+            raise DataError(f"{path} has no instance annotations (annotations with 'segmentation' and "
                              f"'category_id', and 'categories'); a captions file gives no instances")
         self.label = {c["id"]: i for i, c in enumerate(sorted(data["categories"], key=lambda c: c["id"]))}
         self.images = {im["id"]: im for im in data["images"]}

@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 from functools import cached_property
 from itertools import count, islice
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import lightning as L
 import torch
@@ -22,7 +22,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 
-from .sources import FolderSource, Sample, ShardSource, seeded
+from .batch import EpochLoader, batches_done, global_index, rank_of
+from .sources import FolderSource, NoSamplesError, Sample, ShardSource, seeded
 
 log = logging.getLogger("hsd.data")
 
@@ -80,14 +81,14 @@ def _decodable(samples: Iterable[Sample]) -> Iterator[Sample]:
             boundaries = 0
             yield s
         elif boundaries == 2:
-            raise RuntimeError(f"no decodable sample in a whole epoch of this rank's data (last: {s.key})")
+            raise NoSamplesError(f"no decodable sample in a whole epoch of this rank's data (last: {s.key})")
 
 
 class ImageTextBatches(IterableDataset):
     """A rank's batches start .. stop-1 (the loader runs with batch_size=None), each a dict:
     pixels (B, 3, R, R) in [-1, 1], captions (B strings), original_size and crop_top_left (B, 2) long,
-    index = b * world + rank (seeds the batch's noise: ranks draw different noise), skipped = number of
-    undecodable samples in the batch's window (each logged with its key)."""
+    index = global_index(b, rank, world) (seeds the batch's noise: ranks draw different noise), skipped = number
+    of undecodable samples in the batch's window (each logged with its key)."""
 
     def __init__(self, source: ShardSource | FolderSource, prep: Preprocess, batch_size: int, start: int,
                  stop: int, seed: int = 0, rank: int = 0, world: int = 1):
@@ -113,39 +114,22 @@ class ImageTextBatches(IterableDataset):
                                        for s in good))
         return {"pixels": torch.stack(pixels), "captions": [s.decoded[1] for s in good],
                 "original_size": torch.tensor(original), "crop_top_left": torch.tensor(crop),
-                "index": b * self.world + self.rank, "skipped": len(bad)}
-
-
-class _EpochLoader(DataLoader):
-    """The loader Lightning sees: an epoch is all `stop` batches, of which a resumed run yields the rest.
-    Lightning restores how many of the epoch's batches were done and ends the epoch at len(loader); were
-    the length only the remaining batches, it would end early and start over. Each batch's skipped count
-    becomes the running total, summed here in the main process since a worker only sees its own batches."""
-
-    def __len__(self) -> int:
-        return self.dataset.stop
-
-    def __iter__(self) -> Iterator[dict]:
-        total = 0
-        for batch in super().__iter__():
-            total += batch["skipped"]
-            yield {**batch, "skipped": total}
+                "index": global_index(b, self.rank, self.world), "skipped": len(bad)}
 
 
 class ImageTextData(L.LightningDataModule):
     """`steps` batches of image-text pairs from webdataset `shards` or a caption `folder` (exactly one),
     cycling the data as needed. batch["skipped"] counts the undecodable samples since the loader started
-    (it restarts from 0 on resume). Rank and world size come from the attached trainer."""
+    (it restarts from 0 on resume). Rank, world size and the batches already trained on come from the attached
+    trainer."""
 
     def __init__(self, shards: str = "", folder: str = "", *, resolution: int, batch_size: int, steps: int,
-                 seed: int = 0, crop: str = "center", flip: bool = False, num_workers: int = 0,
-                 start_fn: Callable[[L.Trainer | None], int] | None = None):
+                 seed: int = 0, crop: str = "center", flip: bool = False, num_workers: int = 0):
         super().__init__()
         if bool(shards) == bool(folder):
             raise ValueError("give exactly one of shards or folder")
         self.shards, self.folder, self.prep = shards, folder, Preprocess(resolution, crop, flip)
         self.batch_size, self.steps, self.seed, self.num_workers = batch_size, steps, seed, num_workers
-        self.start_fn = start_fn
 
     @cached_property
     def source(self) -> ShardSource | FolderSource:
@@ -153,9 +137,6 @@ class ImageTextData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Called after a checkpoint is restored: start at the first batch not yet trained on.
-        t = self.trainer
-        start = self.start_fn(t) if self.start_fn else (t.global_step if t else 0)
-        rank, world = (t.global_rank, t.world_size) if t else (0, 1)
-        batches = ImageTextBatches(self.source, self.prep, self.batch_size, start, self.steps, self.seed,
-                                   rank, world)
-        return _EpochLoader(batches, batch_size=None, num_workers=self.num_workers)
+        batches = ImageTextBatches(self.source, self.prep, self.batch_size, batches_done(self.trainer), self.steps,
+                                   self.seed, *rank_of(self.trainer))
+        return EpochLoader(batches, batch_size=None, num_workers=self.num_workers)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 from functools import cached_property, partial
 from itertools import count, islice
@@ -20,9 +21,22 @@ from typing import Callable, Iterator
 import webdataset as wds
 from PIL import Image, ImageOps
 
+from ..errors import HsdError, MissingFileError
+
 log = logging.getLogger("hsd.data")
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+FOLDER_LAYOUT = f"a folder of images ({', '.join(IMAGE_EXTS)}), searched recursively, with same-stem .txt captions"
+SHARD_FORMS = ("webdataset .tar shards: paths, brace patterns such as shards-{0000..0099}.tar, or pipe: commands, "
+               "several joined by '::'")
+
+
+class DataError(HsdError, ValueError):
+    """Data that cannot feed a run: a folder without images, fewer shards than ranks."""
+
+
+class NoSamplesError(HsdError, RuntimeError):
+    """A whole pass over the data yielded no readable sample."""
 
 
 def seeded(seed: int, *tags) -> random.Random:
@@ -73,6 +87,9 @@ def _file_pair(image: str, caption: str | None) -> tuple[bytes, str]:
     return Path(image).read_bytes(), text.strip()
 
 
+_REMOTE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]+://")  # http://, s3://, gs://...: webdataset opens them itself
+
+
 def _log_and_continue(exn: Exception) -> bool:
     """webdataset handler for unreadable shards or tar members (warn_and_continue warns and sleeps)."""
     log.warning("skipping unreadable shard data: %r", exn)
@@ -87,11 +104,23 @@ class ShardSource:
 
     def __init__(self, urls: str):
         self.urls = wds.shardlists.expand_urls(urls)
+        if not self.urls:
+            raise DataError(f"no shards in {urls!r}; expected {SHARD_FORMS}")
+        local = [u.removeprefix("file:") for u in self.urls if not u.startswith("pipe:") and not _REMOTE.match(u)]
+        missing = [u for u in local if not os.path.isfile(u)]
+        if missing and len(missing) == len(self.urls):
+            what = "is not a file" if os.path.exists(missing[0]) else "not found"
+            count = f" (nor are the other {len(missing) - 1})" if len(missing) > 1 else ""
+            raise NoSamplesError(f"no samples could be read from {urls}: shard {missing[0]} {what}{count}; expected "
+                                 f"{SHARD_FORMS}")
+        if missing:  # read what there is, as with shards that fail to open later
+            log.warning("%d of %d shards not found (skipped), e.g. %s", len(missing), len(self.urls), missing[0])
 
     def samples(self, seed: int, rank: int, world: int, batch_size: int, start: int) -> Iterator[Sample]:
         """The rank's stream from its window `start` on (a window is batch_size samples in a row)."""
         if len(self.urls) < world:
-            raise ValueError(f"{len(self.urls)} shards cannot be split over {world} ranks")
+            raise DataError(f"{len(self.urls)} shards cannot be split over {world} ranks: give at least one "
+                            f"shard per rank")
         # A tar stream cannot seek: reading past the consumed samples is cheap next to decoding them.
         return islice(self._stream(seed, rank, world), start * batch_size, None)
 
@@ -104,7 +133,7 @@ class ShardSource:
                 yield Sample(f"{s['__url__']}:{s['__key__']}", pos * world + rank, epoch, partial(_tar_pair, s))
                 pos += 1
             if pos == first:  # cycling would spin forever
-                raise RuntimeError(f"no samples could be read from {[s['url'] for s in shards]}")
+                raise NoSamplesError(f"no samples could be read from {[s['url'] for s in shards]}")
 
 
 class FolderSource:
@@ -116,6 +145,9 @@ class FolderSource:
     its index b * world + r."""
 
     def __init__(self, root: str):
+        if not os.path.isdir(root):
+            what = "is a file, not a folder" if os.path.exists(root) else "not found"
+            raise MissingFileError(f"image folder {what}: {root} (expected {FOLDER_LAYOUT})")
         images, captions = [], set()
         for folder, _, names in os.walk(root):
             for name in names:
@@ -125,7 +157,7 @@ class FolderSource:
                 elif ext.lower()[1:] in IMAGE_EXTS:
                     images.append((stem, ext))
         if not images:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) under {root}")
+            raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) under {root} (expected {FOLDER_LAYOUT})")
         self.pairs = [(stem + ext, stem + ".txt" if stem in captions else None) for stem, ext in sorted(images)]
         missing = sum(caption is None for _, caption in self.pairs)
         if missing:

@@ -4,17 +4,19 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torchvision.utils import save_image
 
-from ..config import Lab
 from ..diffusion.solvers import guided_eps
 from ..io import atomic_path
 from ..pipelines.generate import recipe_scheduler
 from .ode import exact_ode
 from .teacher import Teacher
 from .world import LabWorld, metrics
+
+if TYPE_CHECKING:
+    from ..config import Lab
 
 COLUMNS = ["alignment", "fidelity", "traj_err", "coverage", "reward"]
 HEADERS = ["Model", "Steps", "Scheduler", "Alignment ↑", "Fidelity (nats/dim) ↑", "Traj. error ↓", "Coverage ↑",
@@ -97,8 +99,11 @@ def write_table(rows: list[Row], out: Path, title: str = "") -> str:
     return md
 
 
-def save_grid(samples: list[torch.Tensor], path: Path, per_row: int = 8) -> None:
-    """One row per table row: the first `per_row` samples (2 of each class), upscaled for viewing."""
+def save_grid(samples: list[torch.Tensor], path: Path, labels: list[str] | None = None, per_row: int = 8) -> None:
+    """One row per table row: the first `per_row` samples (2 of each class), upscaled for viewing, with the row's
+    label (model, steps, scheduler) to its left."""
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
     picks = []
     for x in samples:
         n = x.shape[0] // 4
@@ -106,4 +111,16 @@ def save_grid(samples: list[torch.Tensor], path: Path, per_row: int = 8) -> None
         picks.append(x[idx])
     grid = torch.cat(picks).clamp(-1, 1) * 0.5 + 0.5
     grid = torch.nn.functional.interpolate(grid, scale_factor=4, mode="nearest")
-    save_image(grid, path, nrow=per_row, padding=2, pad_value=1.0)
+    pixels = make_grid(grid, nrow=per_row, padding=2, pad_value=1.0).mul(255).round().byte().permute(1, 2, 0)
+    image = Image.fromarray(pixels.numpy())
+    if labels:
+        font = ImageFont.load_default(size=14)
+        width = max(int(font.getlength(text)) for text in labels) + 12
+        canvas = Image.new("RGB", (width + image.width, image.height), "white")
+        canvas.paste(image, (width, 0))
+        draw, row = ImageDraw.Draw(canvas), (image.height - 2) / len(labels)
+        for i, text in enumerate(labels):
+            draw.text((6, 2 + row * (i + 0.5)), text, fill="black", font=font, anchor="lm")
+        image = canvas
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as hf_logging
 
 from ..diffusion.schedule import NoiseSchedule
 from ..errors import MissingFileError
@@ -90,6 +91,7 @@ def load_teacher(path: str | os.PathLike = DEFAULT_TEACHER) -> Teacher:
     if not (path / "unet" / "config.json").exists():
         raise MissingTeacherError(f"lab teacher not found at {path}; make it with `{MAKE_COMMAND}`"
                                   f" (or `{MAKE_COMMAND} --out {path}`)")
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar for a 36-tensor text encoder is noise
     return Teacher(UNet2DConditionModel.from_pretrained(path / "unet").eval(),
                    CLIPTextModel.from_pretrained(path / "text_encoder").eval(),
                    CLIPTokenizer.from_pretrained(path / "tokenizer"),

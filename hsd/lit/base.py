@@ -1,6 +1,7 @@
-"""What every training stage shares: a UNet with peft adapters (adapters off = the frozen teacher), seeded
-per-batch randomness, optimizer steps (with FSDP's gradient averaging of unsharded tensors), and checkpoints
-that hold only the trained tensors. TSCD, feedback and DMD subclass it and keep to their algorithm.
+"""What every training stage shares: a UNet with named peft adapters (adapters off = the frozen teacher), of
+which the stage declares the ones it runs (`active`) and trains (`trained`); seeded per-batch randomness; optimizer
+steps (with FSDP's gradient averaging of unsharded tensors); and checkpoints that hold only the trained tensors.
+TSCD, feedback and DMD subclass it and keep to their algorithm.
 """
 from __future__ import annotations
 
@@ -13,7 +14,16 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ..diffusion.schedule import NoiseSchedule, eps_to_x0
-from ..models.lora import adapters_off
+from ..data.batch import micro_batch
+from ..errors import HsdError
+from ..models.adapters import TSCD, Adapters
+
+
+class CheckpointError(HsdError, KeyError):
+    """A stage checkpoint that does not hold this stage's trained tensors (another recipe's run folder)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
 
 
 def unet_kwargs(cond) -> dict:
@@ -22,10 +32,14 @@ def unet_kwargs(cond) -> dict:
 
 
 class StageModule(L.LightningModule):
+    active: tuple[str, ...] = (TSCD,)   # the adapters the stage runs...
+    trained: tuple[str, ...] = (TSCD,)  # ...and those of them it trains (the others stay frozen)
+
     def __init__(self, unet, schedule: NoiseSchedule, seed: int = 0, encoder: nn.Module | None = None,
                  fsdp: bool = False):
         super().__init__()
         self.unet, self.schedule, self.seed = unet, schedule, seed
+        self.adapters = Adapters(unet)
         self.encoder = encoder  # frozen VAE + text encoders (SD worlds); None when batches hold x0/cond
         # Under FSDP every wrapped block must run (no early exit from the UNet), and the trained tensors,
         # which FSDP ignores (see hsd.lit.strategies), have their gradients averaged here.
@@ -35,8 +49,14 @@ class StageModule(L.LightningModule):
     steps_per_update = 1  # optimizer steps per batch (Lightning's global_step counts every one)
     accumulate = 1
 
-    def batches_done(self, global_step: int) -> int:
-        return global_step // self.steps_per_update * self.accumulate
+    def use_adapters(self) -> None:
+        """Set the declared adapters running and trainable; a subclass calls it once its declaration is final
+        (`hsd.train` runs each stage inside `Adapters.restoring`, so the state is put back after the stage)."""
+        self.adapters.use(self.active, self.trained)
+
+    def completes_update(self, batch: dict) -> bool:
+        """Whether this micro-batch is the last of an optimizer update (gradient accumulation)."""
+        return (micro_batch(int(batch["index"]), self.trainer.world_size) + 1) % self.accumulate == 0
 
     def generator(self, batch: dict) -> torch.Generator:
         """Seeded by the batch's global index, so a resumed run draws exactly what the uninterrupted one did."""
@@ -61,8 +81,8 @@ class StageModule(L.LightningModule):
             return self.eps(x, t, cond)
 
     def teacher(self):
-        """Context: the UNet runs as the frozen teacher (peft adapters off), restored on exit."""
-        return adapters_off(self.unet)
+        """Context: the UNet runs as the frozen teacher (every adapter off), restored on exit."""
+        return self.adapters.off()
 
     def _step(self, opt, clip: float = 0.0) -> None:
         if self.fsdp and self.trainer.world_size > 1:
@@ -91,7 +111,7 @@ class StageModule(L.LightningModule):
         own = self.trained_tensors()
         missing = sorted(set(own) - set(state_dict))
         if missing:
-            raise KeyError(f"checkpoint lacks {len(missing)} of this stage's trained tensors, e.g. {missing[0]}")
+            raise CheckpointError(f"checkpoint lacks {len(missing)} of this stage's trained tensors, e.g. {missing[0]}")
         with torch.no_grad():
             for k, t in own.items():
                 t.copy_(state_dict[k])

@@ -12,21 +12,24 @@ updates (manual optimisation).
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import DMD
 from ..diffusion.schedule import NoiseSchedule, add_noise, eps_to_x0
 from ..diffusion.segments import inference_timesteps
 from ..diffusion.solvers import guided_eps, teacher_step
 from ..losses.dmd import dmd_loss, fake_score_loss
-from ..models.lora import adapters, lora_params, use_adapters
-from ..rewards.feedback import FeedbackLoss
+from ..models.adapters import FAKE, TSCD
 from .base import StageModule
 
-GENERATOR, FAKE = "default", "fake"
+if TYPE_CHECKING:
+    from ..config import DMD
+    from ..rewards.feedback import FeedbackLoss
+
+GENERATOR = TSCD  # the LoRA generator is the TSCD LoRA trained on (the unified LoRA)
 
 
 class DMDModule(StageModule):
@@ -37,7 +40,8 @@ class DMDModule(StageModule):
         self.cfg, self.feedback = cfg, feedback
         self.gen_unet, self.fake_unet = generator_unet, fake_unet  # None: the UNet's own adapter
         self.steps_per_update = 1 + cfg.fake_updates
-        use_adapters(unet, [GENERATOR], (GENERATOR,) if generator_unet is None else ())
+        self.active, self.trained = (GENERATOR,), (GENERATOR,) if generator_unet is None else ()
+        self.use_adapters()
         self.t_lo, self.t_hi = int(cfg.t_min * (schedule.T - 1)), int(cfg.t_max * (schedule.T - 1))
 
     # ---- the three networks ----
@@ -47,7 +51,7 @@ class DMDModule(StageModule):
 
     def fake_scope(self):
         """Context in which self.unet (or the full copy) is the fake score, its tensors trainable."""
-        return nullcontext() if self.fake_unet is not None else adapters(self.unet, [FAKE], (FAKE,))
+        return nullcontext() if self.fake_unet is not None else self.adapters.scope([FAKE], [FAKE])
 
     def fake_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
         with self.fake_scope():
@@ -115,11 +119,11 @@ class DMDModule(StageModule):
 
     # ---- what trains, and what checkpoints hold ----
     def generator_tensors(self) -> dict[str, Tensor]:
-        return (lora_params(self.unet, GENERATOR) if self.gen_unet is None
+        return (self.adapters.params(GENERATOR) if self.gen_unet is None
                 else dict(self.gen_unet.named_parameters()))
 
     def fake_tensors(self) -> dict[str, Tensor]:
-        return lora_params(self.unet, FAKE) if self.fake_unet is None else dict(self.fake_unet.named_parameters())
+        return self.adapters.params(FAKE) if self.fake_unet is None else dict(self.fake_unet.named_parameters())
 
     def configure_optimizers(self):
         return [torch.optim.AdamW(self.generator_tensors().values(), lr=self.cfg.lr, weight_decay=0.0),

@@ -7,26 +7,31 @@ which the rewards (Eq. 15) score; the instance loss (Eq. 16) adds its own noised
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from ..config import ConfigError, Feedback
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.segments import inference_timesteps
 from ..diffusion.solvers import ddim_step
-from ..models.lora import lora_params, use_adapters
-from ..rewards.feedback import FeedbackLoss
+from ..errors import ConfigError
+from ..models.adapters import FEEDBACK, TSCD
 from .base import StageModule
 
-ADAPTER = "feedback"
+if TYPE_CHECKING:
+    from ..config import Feedback
+    from ..rewards.feedback import FeedbackLoss
 
 
 class FeedbackModule(StageModule):
+    active, trained = (TSCD, FEEDBACK), (FEEDBACK,)  # the TSCD LoRA runs frozen under the feedback LoRA
+
     def __init__(self, unet, schedule: NoiseSchedule, cfg: Feedback, loss: FeedbackLoss, seed: int = 0,
                  encoder=None, fsdp: bool = False):
         super().__init__(unet, schedule, seed, encoder, fsdp)
         self.cfg, self.loss = cfg, loss
-        use_adapters(unet, ["default", ADAPTER], (ADAPTER,))  # TSCD LoRA + feedback LoRA, only the latter trained
+        self.use_adapters()
         self.grid = inference_timesteps(schedule.T, cfg.steps)  # descending: T-1, ..., T/steps - 1
         lo, hi = cfg.t_range
         self.stops = [i for i, t in enumerate(self.grid.tolist()) if lo <= t <= hi]
@@ -58,7 +63,7 @@ class FeedbackModule(StageModule):
         return loss.detach()
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(lora_params(self.unet, ADAPTER).values(), lr=self.cfg.lr, weight_decay=0.0)
+        return torch.optim.AdamW(self.adapters.params(FEEDBACK).values(), lr=self.cfg.lr, weight_decay=0.0)
 
     def trained_tensors(self) -> dict[str, Tensor]:
-        return {f"unet.{n}": p for n, p in lora_params(self.unet, ADAPTER).items()}
+        return {f"unet.{n}": p for n, p in self.adapters.params(FEEDBACK).items()}

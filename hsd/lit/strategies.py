@@ -1,11 +1,15 @@
 """Lightning plumbing for TSCD runs: atomic checkpoint files, and the DDP / FSDP strategies."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ..config import Run
 from ..io import atomic_path
+
+if TYPE_CHECKING:
+    from ..config import Run
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

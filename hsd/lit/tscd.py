@@ -7,11 +7,12 @@ Lightning owns devices, precision, sharding, checkpoints and logging.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from ..config import TSCD, Stage
 from ..diffusion.schedule import NoiseSchedule, add_noise, renoise
 from ..diffusion.segments import ddim_grid, sample_times
 from ..diffusion.solvers import cat_cond, ddim_step, teacher_step
@@ -19,8 +20,11 @@ from ..losses.adversarial import d_loss, g_loss
 from ..losses.consistency import tscd_loss
 from ..models.discriminator import FeatureDiscriminator, encoder_features
 from ..models.ema import EMA
-from ..models.lora import lora_params
+from ..models.adapters import TSCD as ADAPTER
 from .base import StageModule, adamw, no_checkpointing, unet_kwargs
+
+if TYPE_CHECKING:
+    from ..config import TSCD, Stage
 
 
 class TSCDModule(StageModule):
@@ -33,7 +37,8 @@ class TSCDModule(StageModule):
         self.disc = disc if stage.w_adv > 0 else None
         # Lightning counts every optimizer's step in global_step: 2 per update when D is trained too.
         self.steps_per_update = 2 if self.disc is not None else 1
-        self.ema = EMA(lora_params(unet))
+        self.use_adapters()
+        self.ema = EMA(self.adapters.params(ADAPTER))
         self.grid = ddim_grid(schedule.T, stage.grid_steps)  # CPU: times are drawn with a CPU generator
 
     # ---- the three eps functions: student_eps and teacher_eps (StageModule), the EMA target ----
@@ -75,7 +80,7 @@ class TSCDModule(StageModule):
         pred, target, aux = self.tscd_pair(batch, g)
         if "skipped" in batch:  # undecodable samples so far, summed over ranks
             self.log("data/skipped", float(batch["skipped"]), reduce_fx="sum", sync_dist=True)
-        update = (int(batch["index"]) // self.trainer.world_size + 1) % self.cfg.accumulate == 0
+        update = self.completes_update(batch)
         opts = self.optimizers()
         if self.disc is None:
             return self._generator_update(opts, pred, target, None, update)
@@ -95,7 +100,7 @@ class TSCDModule(StageModule):
         self.manual_backward(loss / self.cfg.accumulate)
         if update:
             self._step(opt, self.cfg.grad_clip)
-            self.ema.update(lora_params(self.unet), self.cfg.ema_decay)
+            self.ema.update(self.adapters.params(ADAPTER), self.cfg.ema_decay)
         self.log(f"train/loss_k{s.k}", loss, prog_bar=True)
         return loss.detach()
 
@@ -123,7 +128,7 @@ class TSCDModule(StageModule):
         return noisy, t_adv
 
     def configure_optimizers(self):
-        opt_g = adamw(self.cfg.optimizer)(lora_params(self.unet).values(), lr=self.cfg.lr,
+        opt_g = adamw(self.cfg.optimizer)(self.adapters.params(ADAPTER).values(), lr=self.cfg.lr,
                                            weight_decay=self.cfg.weight_decay)
         if self.disc is None:
             return opt_g
@@ -131,7 +136,7 @@ class TSCDModule(StageModule):
 
     # ---- checkpoints hold what training changes: the LoRA, its EMA, the discriminator ----
     def trained_tensors(self) -> dict[str, Tensor]:
-        out = {f"unet.{n}": p for n, p in lora_params(self.unet).items()}
+        out = {f"unet.{n}": p for n, p in self.adapters.params(ADAPTER).items()}
         out |= {f"ema.{k}": v for k, v in self.ema.state_dict(keep_vars=True).items()}
         if self.disc is not None:
             out |= {f"disc.{k}": v for k, v in self.disc.state_dict(keep_vars=True).items()}

@@ -195,6 +195,8 @@ def _load(cls, path: Path, sub: str | None):
     folder = path / sub if sub else path
     if not folder.is_dir():
         raise ModelError(f"{folder} not found: {cls.__name__} weights are expected there")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # "Loading weights" bars per text encoder: noise in a training log
     return cls.from_pretrained(folder, local_files_only=True)
 
 
@@ -203,7 +205,11 @@ def _from_single_file(path: Path, config: str | Path) -> Components:
     if not config:
         raise ModelError(f"{path} is a single-file checkpoint: set model.config to a local diffusers folder "
                          f"with its configs and tokenizers (no model hub is reachable to fetch them)")
-    family = family_of(json.loads((Path(config) / "unet" / "config.json").read_text()))
+    unet_config = Path(config) / "unet" / "config.json"
+    if not unet_config.is_file():
+        raise ModelError(f"model.config {config} is not a diffusers folder: {unet_config} is missing (expected the "
+                         f"configs and tokenizers of the checkpoint's model, e.g. its diffusers pipeline folder)")
+    family = family_of(json.loads(unet_config.read_text()))
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
     pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True)
     enc = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])

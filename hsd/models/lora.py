@@ -1,26 +1,22 @@
-"""peft LoRA on a diffusers UNet: attach, save/load (diffusers or kohya layout), start from a released LoRA, fuse."""
+"""peft LoRA on a diffusers UNet: attach, save/load (diffusers or kohya layout), start from a released LoRA, fuse.
+
+Which adapters run and train is set only through hsd.models.adapters."""
 from __future__ import annotations
 
 import os
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from .lora_formats import (PREFIX, LoraFile, LoraFormatError, LoraModule, peft_config_kwargs, read_lora,
                            write_lora)
+from .targets import DEFAULT_TARGETS
 
 __all__ = ["DEFAULT_TARGETS", "PREFIX", "LoraFormatError", "attach_lora", "add_adapter", "lora_params", "save_lora",
-           "load_lora", "load_lora_adapter", "unet_lora", "fuse_loras", "use_adapters", "adapters", "adapters_off",
-           "plain_unet"]
-
-# Every linear/conv of SD's attention, feed-forward and resnet blocks, as PCM and LCM-LoRA train them.
-DEFAULT_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                   "conv1", "conv2"]
+           "load_lora", "load_lora_adapter", "unet_lora", "fuse_loras", "plain_unet"]
 
 
 def attach_lora(unet, rank: int, alpha: float, targets: list[str] | None = None) -> dict[str, torch.Tensor]:
@@ -44,60 +40,6 @@ def lora_params(unet, adapter: str | None = None) -> dict[str, torch.Tensor]:
     """LoRA parameters by plain module path; with `adapter`, only that adapter's."""
     return {_plain(n): p for n, p in unet.named_parameters()
             if "lora_" in n and (adapter is None or f".{adapter}." in n)}
-
-
-def _tuner_layers(unet) -> list[BaseTunerLayer]:
-    return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
-
-
-def _trainable_state(unet) -> dict[str, bool]:
-    return {n: p.requires_grad for n, p in unet.named_parameters() if "lora_" in n}
-
-
-def _restore_trainable(unet, state: dict[str, bool]) -> None:
-    for n, p in unet.named_parameters():
-        if n in state:
-            p.requires_grad_(state[n])
-
-
-def use_adapters(unet, active: list[str], trainable: tuple[str, ...] = ()) -> None:
-    """Run the UNet with the `active` adapters summed, training only the `trainable` ones.
-
-    peft's set_adapter marks every active adapter trainable; a frozen TSCD LoRA under a trained feedback LoRA
-    must not collect gradients (they would leak into a later stage's first step), so it is set explicitly.
-    """
-    for layer in _tuner_layers(unet):
-        layer.set_adapter(active, inference_mode=True)
-    for n, p in unet.named_parameters():
-        if "lora_" in n:
-            p.requires_grad_(any(f".{a}." in n for a in trainable))
-
-
-@contextmanager
-def adapters(unet, active: list[str], trainable: tuple[str, ...] = ()):
-    """Context: `use_adapters`, then the previous active adapters and trainable flags are restored."""
-    layers = _tuner_layers(unet)
-    before, flags = [list(layer.active_adapters) for layer in layers], _trainable_state(unet)
-    use_adapters(unet, active, trainable)
-    try:
-        yield
-    finally:
-        for layer, names in zip(layers, before):
-            layer.set_adapter(names, inference_mode=True)
-        _restore_trainable(unet, flags)
-
-
-@contextmanager
-def adapters_off(unet):
-    """Context: the frozen base UNet (every adapter off); trainable flags restored on exit (peft's
-    enable_adapters would mark all active adapters trainable)."""
-    flags = _trainable_state(unet)
-    unet.disable_adapters()
-    try:
-        yield
-    finally:
-        unet.enable_adapters()
-        _restore_trainable(unet, flags)
 
 
 def plain_unet(unet, fuse: dict[str, float] | None = None):
@@ -152,7 +94,7 @@ def load_lora_adapter(unet, path: str | os.PathLike, adapter_name: str = "defaul
 def fuse_loras(unet, paths: list[str | os.PathLike], weights: list[float]) -> None:
     """Add sum_i w_i * scale_i * B_i A_i into the base weights, so the plain UNet can be save_pretrained."""
     if len(paths) != len(weights):
-        raise ValueError(f"{len(paths)} LoRA files but {len(weights)} weights")
+        raise LoraFormatError(f"{len(paths)} LoRA files but {len(weights)} weights")
     loras = [read_lora(p, unet.config) for p in paths]
     targets = [_base_layers(unet, lora.modules, lora.path) for lora in loras]  # all checked before any change
     for lora, layers, w in zip(loras, targets, weights):

@@ -20,7 +20,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import HsdError
+from ..errors import HsdError, MissingFileError
 from ..io import atomic_path
 
 FORMATS = ("diffusers", "kohya")
@@ -93,7 +93,7 @@ def merge_loras(paths: list[str | os.PathLike], weights: list[float], out: str |
                 fmt: str = "kohya") -> Path:
     """One LoRA file equal to applying each input at its weight (any layouts, ranks and alphas)."""
     if len(paths) != len(weights):
-        raise ValueError(f"{len(paths)} LoRA files but {len(weights)} weights")
+        raise LoraFormatError(f"{len(paths)} LoRA files but {len(weights)} weights")
     files = [read_lora(p) for p in paths]
     sources = json.dumps([[str(f.path), w] for f, w in zip(files, weights)])
     return write_lora(out, merge([(f.modules, w) for f, w in zip(files, weights)]), fmt, {"hsd_merged_from": sources})
@@ -148,7 +148,9 @@ def _pad_rank(m: LoraModule, rank: int) -> LoraModule:
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {path}")
+        what = "is a folder" if path.is_dir() else "not found"
+        raise MissingFileError(f"LoRA file {what}: {path} (expected a .safetensors LoRA file in the diffusers or "
+                               f"kohya layout)")
     try:
         with safe_open(path, "pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}

@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
-import sys
+import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -30,6 +31,10 @@ DEFAULT_ETA = {"tcd": 1.0}              # every other eta-taking scheduler: 0.0,
 ONE_STEP_TIMESTEPS = {"lcm": [800]}     # more steps use the scheduler's own spacing
 LORA_LAYOUTS = ("safetensors in the diffusers layout ('unet.<module>.lora_A.weight') "
                 "or the kohya layout ('lora_unet_<module>.lora_down.weight')")
+
+
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
+OTHER_ARCH = "the LoRA was trained for another architecture (e.g. an SD1.5 LoRA on an SDXL model)"
 
 
 class GenerateError(HsdError, ValueError):
@@ -80,12 +85,13 @@ def load_generator(model: str | Path, lora: list[tuple[str | Path, float]] = (),
     if scheduler not in SCHEDULERS or dtype not in DTYPES:
         raise GenerateError(f"scheduler must be one of {SCHEDULERS} and dtype one of {DTYPES}, "
                             f"not {scheduler!r} and {dtype!r}")
-    components = load_components(model)
+    with _quiet_loading():
+        components = load_components(model)
     if unet:
         components.unet = _load_unet(Path(unet), components)
     pipe = pipeline(components)
     for i, (path, weight) in enumerate(lora):
-        _fuse_lora(pipe, Path(path), weight, f"lora{i}")
+        _fuse_lora(pipe, Path(path), weight, f"lora{i}", components.family)
     pipe.to(device)
     # Fused in float32, then cast: half precision rounds the merged weights once. Skipped for float32, the
     # loaded dtype, since any dtype cast makes diffusers 0.42 log a spurious "keep in float32" warning.
@@ -101,9 +107,30 @@ def load_generator(model: str | Path, lora: list[tuple[str | Path, float]] = (),
     return ImageGenerator(pipe, scheduler, eta, sources)
 
 
+@contextmanager
+def _quiet_loading():
+    """No per-component "Loading weights" bars from transformers: the command shows one bar over its images."""
+    from transformers.utils import logging as hf_logging
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def _lcm_start_is_intended(record) -> bool:
+    """The one-step UNet's recipe starts at t = 800 on purpose; LCM warns about any start but T - 1."""
+    return "first timestep on the custom timestep schedule" not in record.getMessage()
+
+
 def recipe_scheduler(name: str, config):
     """The release recipe's scheduler ("ddim" trailing, "tcd", "lcm") built from a model's scheduler config."""
+    import logging
+
     from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
+    logging.getLogger("diffusers.schedulers.scheduling_lcm").addFilter(_lcm_start_is_intended)  # once: same object
     if name == "ddim":
         return DDIMScheduler.from_config(config, timestep_spacing="trailing")
     return {"tcd": TCDScheduler, "lcm": LCMScheduler}[name].from_config(config)
@@ -129,19 +156,47 @@ def _load_unet(path: Path, components):
     return unet.eval()
 
 
-def _fuse_lora(pipe, path: Path, weight: float, name: str) -> None:
+def _fuse_lora(pipe, path: Path, weight: float, name: str, family: str) -> None:
     from ..models.components import ModelError
     if not path.is_file():
         raise ModelError(f"LoRA file not found: {path}")
+    _check_lora_fits(pipe.unet, path, family)
     try:
         pipe.load_lora_weights(str(path), adapter_name=name)
     except Exception as e:  # foreign layouts fail deep inside diffusers (ValueError, KeyError, IndexError...)
-        raise ModelError(f"diffusers cannot load the LoRA {path} into this model ({type(e).__name__}: {e}); "
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # peft lists every mismatch on its own line
+        raise ModelError(f"diffusers cannot load the LoRA {path} into this model ({type(e).__name__}: {first}); "
                          f"expected {LORA_LAYOUTS}") from e
     if not any(name in names for names in pipe.get_list_adapters().values()):
         raise ModelError(f"LoRA {path} matched no module of this model; expected {LORA_LAYOUTS}")
     pipe.fuse_lora(lora_scale=weight, adapter_names=[name])
     pipe.unload_lora_weights()                       # drops the peft layers; the fused weights stay
+
+
+def _check_lora_fits(unet, path: Path, family: str) -> None:
+    """Refuse a LoRA trained for another UNet architecture before diffusers loads it (peft would list every
+    size mismatch, then blame the key layout). A file hsd's reader does not take (text-encoder modules, other
+    layouts) is left to diffusers, whose error names the layouts it expects."""
+    import torch
+    from ..models.components import ModelError
+    from ..models.lora_formats import LoraFormatError, read_lora
+    try:
+        lora = read_lora(path, unet.config)
+    except LoraFormatError:
+        return
+    layers, missing, model = dict(unet.named_modules()), [], f"this {FAMILY_NAMES.get(family, family)} model's UNet"
+    for name, m in lora.modules.items():
+        layer = layers.get(name)
+        layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        if not isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            missing.append(name)
+            continue
+        shape, needs = (m.up.shape[0], *m.down.shape[1:]), tuple(layer.weight.shape)  # a 1x1 conv may be a matrix
+        if shape[0] != needs[0] or math.prod(shape) != math.prod(needs):
+            raise ModelError(f"{path}: module {name} has shape {shape} but {model} needs {needs}: {OTHER_ARCH}")
+    if missing:
+        raise ModelError(f"{path}: {len(missing)} of its {len(lora.modules)} modules are not in {model} "
+                         f"(e.g. {missing[0]}): {OTHER_ARCH}")
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
@@ -186,11 +241,8 @@ def run_generate(args) -> list[Path]:
 
 
 def cmd_generate(args) -> None:
-    from ..models.components import ModelError
-    try:
-        written = run_generate(args)
-    except (ModelError, GenerateError) as e:
-        sys.exit(f"hsd: error: {e}")
+    """A ModelError or GenerateError reaches the CLI's one handler (hsd.errors.run_guarded): one line, status 2."""
+    written = run_generate(args)
     print(f"wrote {len(written)} images to {args.out}")
 
 
@@ -203,7 +255,8 @@ def parse_lora(spec: str) -> tuple[str, float]:
         return spec, 1.0
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     if int(text) < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, not {text}")
     return int(text)
@@ -218,13 +271,13 @@ def add_generate_command(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--scheduler", choices=SCHEDULERS, default="ddim",
                    help="ddim: N-step LoRAs; tcd: unified LoRA; lcm: one-step UNet (t=800); default: the model's")
     g.add_argument("--eta", type=float, help="TCD/DDIM eta (default: 1.0 for tcd, 0 for ddim)")
-    g.add_argument("--steps", type=_positive, nargs="+", required=True, help="one image set per step count")
+    g.add_argument("--steps", type=positive_int, nargs="+", required=True, help="one image set per step count")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", nargs="+", action="extend", metavar="TEXT")
     src.add_argument("--prompts", type=Path, metavar="FILE", help="text file, one prompt per line")
     g.add_argument("--seed", type=int, default=0, help="image j of every prompt uses seed + j")
-    g.add_argument("--n-per-prompt", type=_positive, default=1)
-    g.add_argument("--batch-size", type=_positive, default=4)
+    g.add_argument("--n-per-prompt", type=positive_int, default=1)
+    g.add_argument("--batch-size", type=positive_int, default=4)
     g.add_argument("--guidance", type=float, default=0.0, help="CFG scale; <= 1 disables CFG, as the recipes do")
     g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--device", default="cpu")

@@ -1,2 +1,2 @@
-"""Differentiable rewards for the feedback stage. The aesthetic and ImageReward scorers are the eval package's
-(`eval.scorers`, `eval.imagereward`); the instance loss is here (`instance.py`, mmdet's SOLO)."""
+"""Differentiable rewards for the feedback stage. The aesthetic and ImageReward scorers are hsd.scorers'
+(the eval package scores with the same modules); the instance loss is here (`instance.py`, mmdet's SOLO)."""

@@ -3,34 +3,25 @@
 L_feedback = L_aes (Eq. 15: sum_d w_d ReLU(alpha_d - r_d(x'_0, c)) over differentiable rewards)
            + w_inst * L_percep (Eq. 16: SOLO's loss on x'_0 denoised from a noised COCO image, against its
              ground-truth instances).
-The rewards come from the world: the lab's exact class log-likelihood, or the eval package's scorers on
-VAE-decoded images.
+The rewards come from the world: the lab's exact class log-likelihood (hsd.worlds.lab), or hsd.scorers' scorers
+on VAE-decoded images.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor, nn
 
-from ..config import Feedback
 from ..diffusion.schedule import NoiseSchedule, add_noise
 from ..losses.feedback import reward_hinge
 from ..models.conditioning import vae_encode
 
+if TYPE_CHECKING:
+    from ..config import Feedback
+
 # denoise(x_t, t [B], cond) -> x'_0 with gradient to the trained weights
 Denoise = Callable[[Tensor, Tensor, object], Tensor]
-
-
-class LabReward(nn.Module):
-    """The lab's exact reward: log p_data(x | prompt's class) per dimension (nats/dim)."""
-
-    def __init__(self, world):
-        super().__init__()
-        self.world = world
-
-    def forward(self, x0: Tensor, batch: dict) -> dict[str, Tensor]:
-        return {"lab": self.world.class_log_prob(x0, batch["labels"].to(x0.device)).float() / self.world.dim}
 
 
 class VaeDecoder(nn.Module):
@@ -51,14 +42,14 @@ class VaeDecoder(nn.Module):
 
 
 class ScorerRewards(nn.Module):
-    """SD rewards: x'_0 latents -> decoded pixels -> differentiable 224 crop -> each scorer of eval.scorers."""
+    """SD rewards: x'_0 latents -> decoded pixels -> differentiable 224 crop -> each scorer of hsd.scorers."""
 
     def __init__(self, decoder: VaeDecoder, scorers: dict[str, nn.Module]):
         super().__init__()
         self.decoder, self.scorers = decoder, nn.ModuleDict(scorers)
 
     def forward(self, x0: Tensor, batch: dict) -> dict[str, Tensor]:
-        from eval.images import resize_crop
+        from hsd.scorers.images import resize_crop
         crops = resize_crop(self.decoder(x0))
         return {name: s(crops, batch["captions"]).float() for name, s in self.scorers.items()}
 

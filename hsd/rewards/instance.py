@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import HsdError
+from ..errors import HsdError, MissingFileError
 
 SOLO_CONFIG = "solo/solo_r50_fpn_1x_coco.py"
 MEAN = (123.675, 116.28, 103.53)     # RGB order, on a 0-255 scale (the config's data_preprocessor)
@@ -51,7 +51,7 @@ def read_checkpoint(path: str | Path) -> dict:
     from hsd.io import load_weights
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"SOLO checkpoint not found: {path} (e.g. solo_r50_fpn_1x_coco_*.pth from "
+        raise MissingFileError(f"SOLO checkpoint not found: {path} (e.g. solo_r50_fpn_1x_coco_*.pth from "
                                 f"mmdet's model zoo, or its state dict as .safetensors)")
     try:
         return load_weights(path, numpy_metadata=True)
@@ -86,7 +86,7 @@ class InstanceLoss(nn.Module):
         self.model = model
 
     def forward(self, pixels: torch.Tensor, instances: list[dict]) -> torch.Tensor:
-        from eval.images import check_unit
+        from hsd.scorers.images import check_unit
         from mmdet.structures import DetDataSample
         from mmdet.structures.mask import BitmapMasks
         from mmengine.structures import InstanceData

@@ -47,8 +47,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hsd.errors import ConfigError, MissingFileError
+
+from . import ScorerWeightsError
+from .heads import ScoreHead
 from .images import normalize
-from .scorers import ScoreHead
 from .imagereward_weights import (MED_CONFIG, imagereward_official_shapes, med_config_for,
                                   random_imagereward_state_dict, synthetic_bert_vocab, synthetic_image,
                                   write_bert_vocab)
@@ -187,7 +190,7 @@ def _vision_config(sd: Mapping[str, torch.Tensor], heads: int | None):
     need = [v + "cls_token", v + "pos_embed", v + "patch_embed.proj.weight", v + "blocks.0.mlp.fc1.weight"]
     absent = [k for k in need if k not in sd]
     if absent:
-        raise ValueError(f"{NAME}: not an ImageReward checkpoint, missing keys: {_few(absent)}")
+        raise ScorerWeightsError(f"{NAME}: not an ImageReward checkpoint, missing keys: {_few(absent)}")
     width = sd[v + "cls_token"].shape[-1]
     patch = sd[v + "patch_embed.proj.weight"].shape[-1]
     grid = round((sd[v + "pos_embed"].shape[1] - 1) ** 0.5)
@@ -201,10 +204,10 @@ def _vision_config(sd: Mapping[str, torch.Tensor], heads: int | None):
 def _text_config(med: Mapping, encoder_width: int):
     from transformers.models.blip.modeling_blip_text import BlipTextConfig
     if med.get("position_embedding_type", "absolute") != "absolute":
-        raise ValueError(f"{NAME}: med_config position_embedding_type {med['position_embedding_type']!r} "
-                         f"is not supported (BLIP uses 'absolute')")
+        raise ConfigError(f"{NAME}: med_config position_embedding_type {med['position_embedding_type']!r} "
+                          f"is not supported (BLIP uses 'absolute')")
     if not med.get("add_cross_attention", False):
-        raise ValueError(f"{NAME}: med_config must have add_cross_attention true")
+        raise ConfigError(f"{NAME}: med_config must have add_cross_attention true")
     return BlipTextConfig(
         vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], encoder_hidden_size=encoder_width,
         intermediate_size=med["intermediate_size"], num_hidden_layers=med["num_hidden_layers"],
@@ -233,9 +236,9 @@ def load_imagereward(checkpoint: str | Path, med_config: str | Path | Mapping, t
     checkpoint, tokenizer_dir = Path(checkpoint), Path(tokenizer_dir)
     missing = _missing_files(checkpoint, med_config, tokenizer_dir)
     if missing:
-        raise FileNotFoundError(f"{NAME}: missing {'; '.join(missing)}. {NAME} needs ImageReward.pt, "
-                                f"med_config.json and a bert-base-uncased tokenizer folder with vocab.txt "
-                                f"(from THUDM/ImageReward and bert-base-uncased)")
+        raise MissingFileError(f"{NAME}: missing {'; '.join(missing)}. {NAME} needs ImageReward.pt, "
+                               f"med_config.json and a bert-base-uncased tokenizer folder with vocab.txt "
+                               f"(from THUDM/ImageReward and bert-base-uncased)")
     med = dict(med_config) if isinstance(med_config, Mapping) else json.loads(Path(med_config).read_text())
     sd = load_weights(checkpoint)
     if isinstance(sd, Mapping) and "model" in sd and isinstance(sd["model"], Mapping):
@@ -258,10 +261,10 @@ def load_imagereward(checkpoint: str | Path, med_config: str | Path | Mapping, t
     wrong = [f"{k} {tuple(mapped[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
              if k in mapped and tuple(mapped[k].shape) != tuple(v.shape)]
     if unexpected or absent or wrong:
-        raise ValueError(f"{NAME}: {checkpoint} does not match the ImageReward layout"
-                         + (f"; missing (our names): {_few(absent)}" if absent else "")
-                         + (f"; unexpected: {_few(unexpected)}" if unexpected else "")
-                         + (f"; wrong shapes: {_few(wrong, 3)}" if wrong else ""))
+        raise ScorerWeightsError(f"{NAME}: {checkpoint} does not match the ImageReward layout"
+                                 + (f"; missing (our names): {_few(absent)}" if absent else "")
+                                 + (f"; unexpected: {_few(unexpected)}" if unexpected else "")
+                                 + (f"; wrong shapes: {_few(wrong, 3)}" if wrong else ""))
     scorer.load_state_dict({k: v.float() for k, v in mapped.items()}, strict=True, assign=True)
     # a non-persistent buffer built on meta: the text position ids
     text.embeddings.position_ids = torch.arange(tcfg.max_position_embeddings).expand((1, -1))
@@ -271,8 +274,8 @@ def load_imagereward(checkpoint: str | Path, med_config: str | Path | Mapping, t
 
     vocab = len(scorer.tokenizer)
     if vocab != tcfg.vocab_size:
-        raise ValueError(f"{NAME}: tokenizer has {vocab} tokens with [DEC] and [ENC] but med_config vocab_size is "
-                         f"{tcfg.vocab_size}: wrong bert-base-uncased folder or med_config.json")
+        raise ScorerWeightsError(f"{NAME}: tokenizer has {vocab} tokens with [DEC] and [ENC] but med_config "
+                                 f"vocab_size is {tcfg.vocab_size}: wrong bert-base-uncased folder or med_config.json")
     scorer.vision.to(dtype)
     scorer.text.to(dtype)
     return scorer.to(device).eval().requires_grad_(False)

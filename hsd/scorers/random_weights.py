@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from . import clip
-from .scorers import AES_HEAD, ScoreHead
+from .heads import ScoreHead
+from .scorers import AES_HEAD
 
 # laion/CLIP-ViT-H-14-laion2B-s32B-b79K, the backbone PickScore_v1 fine-tunes
 PICKSCORE_REAL = dict(projection_dim=1024,

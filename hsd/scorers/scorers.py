@@ -1,10 +1,11 @@
 """The four metrics of the paper's tables as differentiable scorers: pixels (B, 3, 224, 224) in [0, 1] and
-prompts in, (B,) scores out. The same modules are the feedback stage's rewards.
+prompts in, (B,) scores out. The same modules are the feedback stage's rewards. `ScoreHead` (the Aes and
+ImageReward MLP) is in heads.py.
 
   CLIP         100 * cos(image, text) with OpenAI CLIP ViT-B/32 (QuickGELU), open_clip 'ViT-B-32-quickgelu'.
   Aes          LAION improved-aesthetic-predictor v2 (sac+logos+ava1-l14-linearMSE.pth) on the L2-normalised
                OpenAI CLIP ViT-L/14 image embedding.
-  ImageReward  ImageReward v1.0 (eval/imagereward.py), normalised by its published mean and std.
+  ImageReward  ImageReward v1.0 (hsd/scorers/imagereward.py), normalised by its published mean and std.
   PickScore    PickScore v1: cos(image, text); `raw` is the README's exp(logit_scale) * cos.
 """
 from __future__ import annotations
@@ -14,9 +15,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hsd.errors import ConfigError, MissingFileError
 from hsd.io import load_weights
 
 from . import clip
+from .heads import ScoreHead
+from .imagereward import load_imagereward
 from .images import normalize
 
 AES_HEAD = "sac+logos+ava1-l14-linearMSE.pth"
@@ -34,19 +38,6 @@ class ClipScorer(nn.Module):
         image = self.model.encode_image(normalize(pixels), normalize=True)
         text = self.model.encode_text(clip.tokenize(prompts).to(device), normalize=True)
         return 100 * (image * text).sum(-1)
-
-
-class ScoreHead(nn.Module):
-    """width -> 1024 -> 128 -> 64 -> 16 -> 1, linear throughout: the LAION aesthetic predictor's MLP, which
-    ImageReward reuses. The dropouts (inactive in eval) keep the official key indices layers.{0,2,4,6,7}."""
-
-    def __init__(self, width: int = 768):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Linear(width, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2),
-                                    nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(features)
 
 
 class AestheticScorer(nn.Module):
@@ -91,7 +82,7 @@ class PickScorer(nn.Module):
 def _require(metric: str, *paths: Path, hint: str) -> None:
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
-        raise FileNotFoundError(f"{metric}: missing {', '.join(missing)}; expected {hint}")
+        raise MissingFileError(f"{metric}: missing {', '.join(missing)}; expected {hint}")
 
 
 def load_clip_scorer(folder: Path) -> ClipScorer:
@@ -117,7 +108,6 @@ def load_pick_scorer(folder: Path) -> PickScorer:
 
 
 def load_imagereward_scorer(folder: Path):
-    from .imagereward import load_imagereward
     return load_imagereward(folder / "ImageReward.pt", folder / "med_config.json", folder / "bert-base-uncased")
 
 
@@ -132,9 +122,9 @@ def load_scorers(weights: str | Path, metrics: tuple[str, ...] = METRICS, device
     weights = Path(weights)
     unknown = set(metrics) - set(LOADERS)
     if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; known: {list(LOADERS)}")
+        raise ConfigError(f"unknown metrics {sorted(unknown)}; known: {list(LOADERS)}")
     if not weights.is_dir():
-        raise FileNotFoundError(f"scorer weights folder not found: {weights} (layout in docs/eval.md)")
+        raise MissingFileError(f"scorer weights folder not found: {weights} (layout in docs/eval.md)")
     scorers = {}
     for name in metrics:
         sub, loader = LOADERS[name]

@@ -14,7 +14,10 @@ from pathlib import Path
 
 import torch
 
+from hsd.errors import MissingFileError
 from hsd.io import load_weights
+
+from . import ScorerWeightsError
 
 CONFIG = "open_clip_config.json"
 WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -63,7 +66,7 @@ def load_clip(path: str | Path, default_arch: str, metric: str):
     else:
         weights, cfg = (path if path.is_file() else None), default_arch
     if weights is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{metric}: no CLIP weights at {path}; expected a folder with {CONFIG} and {' or '.join(WEIGHTS)} "
             f"(open_clip's hub layout) or a weights file of {default_arch}")
     model = build_clip(cfg)
@@ -71,8 +74,9 @@ def load_clip(path: str | Path, default_arch: str, metric: str):
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "attn_mask"]
     if missing or unexpected:
-        raise ValueError(f"{metric}: {weights} does not fit open_clip {default_arch if isinstance(cfg, str) else 'config'}"
-                         f": missing {missing[:4]}, unexpected {unexpected[:4]}")
+        arch = default_arch if isinstance(cfg, str) else "config"
+        raise ScorerWeightsError(f"{metric}: {weights} does not fit open_clip {arch}"
+                                 f": missing {missing[:4]}, unexpected {unexpected[:4]}")
     return model.eval().requires_grad_(False)
 
 

@@ -1,7 +1,7 @@
 """Deterministic stand-ins for the ImageReward v1.0 checkpoint and its inputs (pure torch, no transformers).
 
 The real `ImageReward.pt` cannot be fetched on our machines, so the parity test between our scorer
-(eval/imagereward.py) and the image-reward==1.5 package runs both on a synthetic checkpoint with the official
+(hsd/scorers/imagereward.py) and the image-reward==1.5 package runs both on a synthetic checkpoint with the official
 layout. This module must stay importable by file path from the pinned reference environment
 (scripts/imagereward_golden.py), so it imports nothing but torch, zlib and the standard library.
 

@@ -1,0 +1,58 @@
+"""Rules that tie fields together, then the named world's own rules (hsd.worlds)."""
+from __future__ import annotations
+
+from ..errors import ConfigError
+from .rules import FieldError, check_fields
+from .schema import DMD, DTYPES, T, Run
+
+
+def validate(run: Run) -> None:
+    check_fields(run)
+    t = run.tscd
+    if t.loss not in ("mse", "huber"):
+        raise ConfigError(f"tscd.loss must be 'mse' or 'huber', got {t.loss!r}")
+    if t.t_end not in ("uniform", "boundary"):
+        raise ConfigError(f"tscd.t_end must be 'uniform' or 'boundary', got {t.t_end!r}")
+    if not t.stages and not (run.feedback.iterations or run.dmd.iterations):
+        raise ConfigError("tscd.stages is empty and feedback.iterations = dmd.iterations = 0: nothing to train")
+    for i, s in enumerate(t.stages):
+        if s.grid_steps < s.k:
+            key = f"tscd.stages.{i}.grid_steps"
+            raise FieldError(key, f"{key} must be >= tscd.stages.{i}.k = {s.k} (each segment needs a teacher step), "
+                                  f"got {s.grid_steps}")
+    if not t.guidance_min <= t.guidance_max:
+        raise FieldError("tscd.guidance_min", f"tscd.guidance_min must not exceed tscd.guidance_max, got "
+                                              f"{t.guidance_min:g} > {t.guidance_max:g}")
+    if t.adv.loss not in ("hinge", "ns"):
+        raise ConfigError(f"tscd.adv.loss must be 'hinge' or 'ns', got {t.adv.loss!r}")
+    if t.optimizer not in ("adamw", "adamw8bit"):
+        raise ConfigError(f"tscd.optimizer must be 'adamw' or 'adamw8bit', got {t.optimizer!r}")
+    if run.trainer.strategy not in ("auto", "ddp", "fsdp"):
+        raise ConfigError(f"trainer.strategy must be auto, ddp or fsdp, got {run.trainer.strategy!r}")
+    for key in ("vae_dtype", "frozen_dtype"):
+        if getattr(run.model, key) not in DTYPES:
+            raise ConfigError(f"model.{key} must be one of {', '.join(DTYPES)}, got {getattr(run.model, key)!r}")
+    if run.model.frozen_dtype != "float32" and "mixed" not in run.trainer.precision:
+        raise ConfigError(f"model.frozen_dtype={run.model.frozen_dtype} needs autocast: set trainer.precision to "
+                          f"bf16-mixed or 16-mixed (got {run.trainer.precision!r})")
+    _validate_feedback(run)
+    _validate_dmd(run.dmd)
+    from ..worlds import check_world  # the world's own rules live with the world; nothing below imports config
+    check_world(run)
+
+
+def _validate_feedback(run: Run) -> None:
+    """The rules of any world; which rewards and which instance loss a world has, the world checks."""
+    f = run.feedback
+    if len(f.t_range) != 2 or not 0 <= f.t_range[0] <= f.t_range[1] < T:
+        raise ConfigError(f"feedback.t_range must be [t_left, t_right] with 0 <= t_left <= t_right < {T}, "
+                          f"got {f.t_range}")
+    if f.iterations and not f.rewards and not f.instance_weight:
+        raise ConfigError("feedback.iterations > 0 but no feedback.rewards and feedback.instance_weight = 0")
+
+
+def _validate_dmd(d: DMD) -> None:
+    if d.generator not in ("lora", "full") or d.fake not in ("lora", "full"):
+        raise ConfigError(f"dmd.generator and dmd.fake must be 'lora' or 'full', got {d.generator!r}, {d.fake!r}")
+    if not 0 <= d.t_min < d.t_max <= 1:
+        raise ConfigError(f"dmd.t_min < dmd.t_max must lie in [0, 1], got {d.t_min}, {d.t_max}")

@@ -1,0 +1,54 @@
+"""What a world is to the training loop: the protocol every world module implements, and what a run made."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import lightning as L
+    from torch import nn
+
+    from ..config import Run
+    from ..diffusion.schedule import NoiseSchedule
+    from ..models.adapters import Adapters
+    from ..rewards.feedback import FeedbackLoss
+
+
+@dataclass
+class Artefacts:
+    """What a run produced: TSCD LoRAs per k, the feedback LoRA, the DMD generator (LoRA file or UNet folder)."""
+    tscd: list[tuple[int, Path]] = field(default_factory=list)
+    feedback: Path | None = None
+    dmd: Path | None = None
+
+
+class World(Protocol):
+    """A world built from a validated Run: the UNet to distil, its schedule, its frozen encoder, its data and rewards,
+    and the report of a finished run. Every stage reads its batches as `hsd.data.batch.Batch`."""
+    unet: nn.Module
+    schedule: NoiseSchedule
+    encoder: nn.Module | None  # raw batch -> Batch (frozen VAE + text); None when the data is already encoded
+
+    @staticmethod
+    def check(run: Run) -> None:
+        """Refuse, with a ConfigError, settings this world cannot run."""
+
+    def data(self, batches: int, seed: int, batch_size: int) -> L.LightningDataModule:
+        """`batches` micro-batches per rank, each rebuilt from its global index and `seed`."""
+
+    def callbacks(self, k: int) -> list[L.Callback]:
+        """Stage-end callbacks of the TSCD stage with k segments (samples to the logger)."""
+
+    def feedback_loss(self) -> FeedbackLoss:
+        """The rewards (Eq. 15) and, where the world has one, the instance term (Eq. 16)."""
+
+    def report(self, made: Artefacts, out: Path, adapters: Adapters) -> str:
+        """The run's report (markdown), written into `out`."""
+
+
+def log_image(trainer, tag: str, grid) -> None:
+    """A sample grid to the run's logger, where the logger takes images (TensorBoard, W&B)."""
+    experiment = getattr(trainer.logger, "experiment", None)
+    if hasattr(experiment, "add_image"):
+        experiment.add_image(tag, grid, trainer.global_step)

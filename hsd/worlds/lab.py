@@ -1,0 +1,170 @@
+"""The lab world: an analytic Gaussian mixture with exact data, the shipped fitted teacher, and exact metrics.
+
+Everything the lab needs lives here: its config rules, its data (clean samples and prompt embeddings, already
+encoded), its reward (the exact class log-likelihood), its stage-end samples and the final table.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from torchvision.utils import make_grid
+
+from ..data.batch import EpochLoader, IndexedBatches, batches_done, rank_of
+from ..diffusion.schedule import NoiseSchedule
+from ..errors import ConfigError
+from ..lab.evaluate import LabEvaluator, save_grid, write_table
+from ..lab.teacher import DEFAULT_TEACHER, load_teacher
+from ..lab.world import LabWorld
+from ..models.adapters import FEEDBACK, TSCD
+from ..rewards.feedback import FeedbackLoss
+from .base import log_image
+
+if TYPE_CHECKING:
+    from ..config import Run
+    from ..models.adapters import Adapters
+    from .base import Artefacts
+
+REWARDS = ("lab",)
+
+
+class LabData(L.LightningDataModule):
+    """Lab samples: class labels, clean x0 from the exact mixture, prompt embeddings (cond and uncond). Batch
+    `index` is drawn from its global index alone, so ranks draw different batches and a resume rebuilds them."""
+
+    def __init__(self, world: LabWorld, prompt_emb: Tensor, empty_emb: Tensor, batch_size: int, steps: int,
+                 seed: int = 0):
+        super().__init__()
+        self.world, self.emb, self.empty = world, prompt_emb, empty_emb
+        self.batch_size, self.steps, self.seed = batch_size, steps, seed
+
+    def make_batch(self, index: int) -> dict:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        labels = torch.randint(self.world.n_classes, (self.batch_size,), generator=g)
+        return {"x0": self.world.sample(labels, g).float(), "labels": labels, "cond": self.emb[labels],
+                "uncond": self.empty.expand(self.batch_size, -1, -1)}
+
+    def train_dataloader(self) -> DataLoader:
+        # Called after a checkpoint is restored: start at the first batch not yet trained on.
+        batches = IndexedBatches(self.make_batch, batches_done(self.trainer), self.steps, *rank_of(self.trainer))
+        return EpochLoader(batches, batch_size=None)
+
+
+class LabReward(nn.Module):
+    """The lab's exact reward: log p_data(x | prompt's class) per dimension (nats/dim)."""
+
+    def __init__(self, world: LabWorld):
+        super().__init__()
+        self.world = world
+
+    def forward(self, x0: Tensor, batch: dict) -> dict[str, Tensor]:
+        return {"lab": self.world.class_log_prob(x0, batch["labels"].to(x0.device)).float() / self.world.dim}
+
+
+class LabSamples(L.Callback):
+    """At the end of a stage, log k-step student samples from fixed noise to the logger."""
+
+    def __init__(self, evaluator: LabEvaluator, steps: int):
+        self.evaluator, self.steps = evaluator, steps
+
+    def on_train_end(self, trainer, module):
+        _, x = self.evaluator.row("student", module.unet, self.steps, "ddim")
+        grid = make_grid(x[:: max(1, x.shape[0] // 32)][:32].clamp(-1, 1) * 0.5 + 0.5, nrow=8)
+        log_image(trainer, f"samples/k{module.stage.k}_{self.steps}step", grid)
+
+
+class Lab:
+    """The analytic world: exact data, the shipped teacher, exact metrics in the final table."""
+
+    def __init__(self, cfg: Run):
+        self.cfg = cfg
+        teacher = load_teacher(cfg.lab.teacher or DEFAULT_TEACHER)
+        self.world = LabWorld(size=teacher.unet.config.sample_size)
+        self.unet, self.encoder = teacher.unet, None
+        self.schedule = NoiseSchedule.from_scheduler(teacher.scheduler)
+        self.emb = teacher.encode(self.world.prompts + [""])
+        self.evaluator = LabEvaluator(self.world, teacher, cfg.lab)
+
+    @staticmethod
+    def check(run: Run) -> None:
+        f = run.feedback
+        unknown = sorted(set(f.rewards) - set(REWARDS))
+        if unknown:
+            raise ConfigError(f"feedback.rewards: unknown reward(s) {unknown} for world 'lab'; known: "
+                              f"{', '.join(REWARDS)}")
+        if f.instance_weight and (f.iterations or run.dmd.w_feedback):
+            raise ConfigError("feedback.instance_weight: the instance loss needs COCO and SOLO (SD worlds only)")
+
+    def data(self, batches: int, seed: int, batch_size: int) -> L.LightningDataModule:
+        return LabData(self.world, self.emb[:-1], self.emb[-1:], batch_size, batches, seed)
+
+    def callbacks(self, k: int) -> list[L.Callback]:
+        return [LabSamples(self.evaluator, k)]
+
+    def feedback_loss(self) -> FeedbackLoss:
+        return FeedbackLoss(self.cfg.feedback, LabReward(self.world))
+
+    def report(self, made: Artefacts, out: Path, adapters: Adapters) -> str:
+        return lab_table(self.cfg, self.evaluator, adapters, made, out)
+
+
+def lab_table(cfg: Run, ev: LabEvaluator, adapters: Adapters, made: Artefacts, out: Path) -> str:
+    """Teacher rows, each TSCD stage, then (when trained) the TSCD + feedback merges at weights (1, w) and
+    the DMD generator."""
+    rows, samples, loras, unet = [], [], made.tscd, adapters.unet
+
+    def add(result):
+        rows.append(result[0])
+        samples.append(result[1])
+
+    with adapters.off():
+        add(ev.row("Teacher", unet, cfg.lab.teacher_steps, "ddim", guided=True))
+        for n in cfg.lab.student_steps:
+            add(ev.row("Teacher", unet, n, "ddim", guided=True))
+    with adapters.scope([TSCD]):
+        for k, path in loras:
+            adapters.load(path)
+            add(ev.row(f"TSCD stage k={k}", unet, k, "ddim"))
+        if loras and loras[-1][0] == 1:
+            for n in cfg.lab.student_steps:
+                add(ev.row("TSCD final (k=1)", unet, n, "tcd"))
+        # Rows built on the pre-DMD LoRA need it in the UNet: a TSCD file reloaded above, or a LoRA DMD left alone.
+        pre_dmd = bool(loras) or made.dmd is None or cfg.dmd.generator == "full"
+        if made.feedback is not None and pre_dmd:
+            adapters.load(made.feedback, FEEDBACK)
+            for w in cfg.feedback.merge_weights:  # exactly what `hsd lora merge TSCD FEEDBACK:w --unet` fuses
+                merged = adapters.fused({TSCD: 1.0, FEEDBACK: w})
+                for n in (1, 4):
+                    add(ev.row(f"TSCD + feedback, weights (1, {w:g})", merged, n, "tcd"))
+        if made.dmd is not None:
+            add_dmd_rows(cfg, ev, adapters, made.dmd, add, baseline=pre_dmd)
+    md = write_table(rows, out, f"{cfg.name}: lab world, exact metrics ({len(ev.labels)} samples, "
+                                f"reference ODE at CFG {cfg.lab.eval_guidance:g})")
+    save_grid(samples, out / "samples.png", [f"{r.model}, {r.steps} step{'s' * (r.steps > 1)}, {r.scheduler}"
+                                             for r in rows])
+    return md
+
+
+def add_dmd_rows(cfg: Run, ev: LabEvaluator, adapters: Adapters, path: Path, add, baseline: bool = True) -> None:
+    """Timestep 999 (the unified LoRA): TCD at every student step count. Another timestep (one-step LoRA or
+    UNet): LCM at that timestep, beside the TSCD LoRA sampled the same way (so the timestep alone is not
+    mistaken for DMD's effect)."""
+    d, unet = cfg.dmd, adapters.unet
+    if d.timestep == 999 and d.generator == "lora":
+        adapters.load(path)
+        for n in cfg.lab.student_steps:
+            add(ev.row("DMD unified LoRA (t=999)", unet, n, "tcd"))
+        return
+    if baseline:
+        add(ev.row("TSCD final (k=1)", unet, 1, "lcm", timestep=d.timestep))
+    if d.generator == "lora":
+        adapters.load(path)
+        add(ev.row(f"DMD one-step LoRA (t={d.timestep})", unet, 1, "lcm", timestep=d.timestep))
+    else:
+        from diffusers import UNet2DConditionModel
+        add(ev.row(f"DMD one-step UNet (t={d.timestep})", UNet2DConditionModel.from_pretrained(path), 1, "lcm",
+                   timestep=d.timestep))

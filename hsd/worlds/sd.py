@@ -1,0 +1,139 @@
+"""SD1.5 / SDXL from the user's local weights: image-text data from shards or a folder, the frozen VAE and text
+encoders, the eval package's scorers as rewards, SOLO's instance loss, and a report of the LoRA files made."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import lightning as L
+import torch
+from torchvision.utils import make_grid
+
+from ..diffusion.schedule import NoiseSchedule
+from ..errors import ConfigError
+from ..rewards.feedback import FeedbackLoss
+from .base import log_image
+
+if TYPE_CHECKING:
+    from ..config import Run
+    from ..models.adapters import Adapters
+    from .base import Artefacts
+
+REWARDS = ("Aes", "ImageReward", "CLIP", "PickScore")
+
+
+class SDSamples(L.Callback):
+    """At the end of a stage, log k-step DDIM-trailing student images (diffusers pipeline) for a few captions."""
+
+    def __init__(self, components, captions: list[str], steps: int, resolution: int):
+        self.components, self.captions, self.steps, self.res = components, captions, steps, resolution
+
+    def on_train_end(self, trainer, module):
+        # Under FSDP a forward is collective and the components' UNet is sharded: no samples there.
+        from lightning.pytorch.strategies import FSDPStrategy
+        if trainer.global_rank != 0 or not self.captions or isinstance(trainer.strategy, FSDPStrategy):
+            return
+        from ..models.components import pipeline
+        from ..pipelines.generate import recipe_scheduler
+        pipe = pipeline(self.components)
+        pipe.scheduler = recipe_scheduler("ddim", pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        # Frozen weights may be bf16 beside an fp32 VAE and LoRA: autocast lets the pipeline mix them.
+        half = module.unet.dtype != torch.float32
+        with torch.no_grad(), torch.autocast(module.device.type, dtype=module.unet.dtype, enabled=half):
+            x = pipe(self.captions, num_inference_steps=self.steps, guidance_scale=0.0, height=self.res,
+                     width=self.res, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+        log_image(trainer, f"samples/k{module.stage.k}_{self.steps}step", make_grid(x.float().cpu(), nrow=4))
+
+
+class SD:
+    """SD1.5 / SDXL from the user's local weights; image-text pairs from shards or a folder."""
+
+    def __init__(self, cfg: Run):
+        from ..data import FolderSource, ShardSource
+        from ..models.components import check_family, load_components
+        from ..models.conditioning import LatentEncoder, TextConditioner
+        self.cfg, m, d = cfg, cfg.model, cfg.data
+        # opened first: missing data is named before any weights load or any trainer starts
+        self.source = ShardSource(d.shards) if d.shards else FolderSource(d.folder)
+        self.components = c = load_components(m.path, m.vae, m.config)
+        check_family(c, cfg.world, m.path)
+        frozen = getattr(torch, m.frozen_dtype)
+        self.unet = c.unet.to(frozen)
+        for enc in c.text_encoders:
+            enc.to(frozen)
+        if m.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.schedule = NoiseSchedule.from_scheduler(c.scheduler)
+        text = TextConditioner(c.family, c.text_encoders, c.tokenizers)
+        self.encoder = LatentEncoder(c.vae, text, m.resolution, getattr(torch, m.vae_dtype))
+
+    @staticmethod
+    def check(run: Run) -> None:
+        f, world = run.feedback, run.world
+        unknown = sorted(set(f.rewards) - set(REWARDS))
+        if unknown:
+            raise ConfigError(f"feedback.rewards: unknown reward(s) {unknown} for world {world!r}; known: "
+                              f"{', '.join(REWARDS)}")
+        if f.iterations or run.dmd.w_feedback:
+            if f.rewards and not f.scorers:
+                raise ConfigError("feedback.rewards needs feedback.scorers: the scorer weights folder (docs/eval.md)")
+            missing = [k for k in ("solo", "coco_annotations", "coco_images") if not getattr(f, k)]
+            if f.instance_weight and missing:
+                raise ConfigError(f"feedback.instance_weight > 0 needs feedback.{', feedback.'.join(missing)}")
+        if not run.model.path:
+            raise ConfigError(f"world {world!r} needs model.path: a local diffusers folder or .safetensors file")
+        if bool(run.data.shards) == bool(run.data.folder):
+            raise ConfigError("set exactly one of data.shards (webdataset) and data.folder (images + .txt)")
+
+    def data(self, batches: int, seed: int, batch_size: int) -> L.LightningDataModule:
+        from ..data import ImageTextData
+        d = self.cfg.data
+        data = ImageTextData(shards=d.shards, folder=d.folder, resolution=self.cfg.model.resolution,
+                             batch_size=batch_size, steps=batches, seed=seed, crop=d.crop,
+                             flip=d.flip, num_workers=d.num_workers)
+        data.source = self.source  # the source opened (and checked) when the world was made
+        return data
+
+    def callbacks(self, k: int) -> list[L.Callback]:
+        return [SDSamples(self.components, self.cfg.data.sample_prompts, k, self.cfg.model.resolution)]
+
+    def feedback_loss(self) -> FeedbackLoss:
+        """The scorers named in feedback.rewards (hsd.scorers, from feedback.scorers) on VAE-decoded x'_0, and
+        with feedback.instance_weight > 0 the SOLO instance loss on COCO train images."""
+        from ..rewards.feedback import InstanceTerm, ScorerRewards, VaeDecoder
+        from ..scorers.scorers import load_scorers
+        f, decoder = self.cfg.feedback, VaeDecoder(self.encoder.vae)
+        rewards = ScorerRewards(decoder, load_scorers(f.scorers, tuple(f.rewards))) if f.rewards else None
+        instance = None
+        if f.instance_weight:
+            from ..data.coco_instances import CocoInstances
+            from ..rewards.instance import InstanceLoss, load_solo
+            instance = InstanceTerm(CocoInstances(f.coco_annotations, f.coco_images),
+                                    InstanceLoss(load_solo(f.solo, f.solo_classes)), decoder, self.cfg.model.resolution)
+        return FeedbackLoss(f, rewards, instance)
+
+    def report(self, made: Artefacts, out: Path, adapters: Adapters) -> str:
+        model = self.cfg.model.path
+        lines = [f"# {self.cfg.name}: {self.cfg.world} artefacts", "",
+                 "| Stage | diffusers LoRA | kohya LoRA | sample with |", "|---|---|---|---|"]
+        for k, path in made.tscd:
+            kohya = path.with_suffix(".kohya.safetensors")
+            lines.append(f"| TSCD k={k} | {path} | {kohya} | hsd generate --model {model} "
+                         f"--lora {kohya} --scheduler ddim --steps {k} |")
+        if made.feedback is not None and made.tscd:
+            base = made.tscd[-1][1].with_suffix(".kohya.safetensors")
+            kohya = made.feedback.with_suffix(".kohya.safetensors")
+            lines.append(f"| feedback | {made.feedback} | {kohya} | hsd lora merge {base} {kohya}:1.0 --out "
+                         f"{out}/merged.safetensors |")
+        if made.dmd is not None and self.cfg.dmd.generator == "lora":
+            kohya = made.dmd.with_suffix(".kohya.safetensors")
+            recipe = "tcd --steps 1 2 4 8" if self.cfg.dmd.timestep == 999 else "lcm --steps 1"
+            lines.append(f"| DMD (t={self.cfg.dmd.timestep}) | {made.dmd} | {kohya} | hsd generate --model {model} "
+                         f"--lora {kohya} --scheduler {recipe} |")
+        elif made.dmd is not None:
+            lines.append(f"| DMD one-step UNet | {made.dmd} | | hsd generate --model {model} --unet {made.dmd} "
+                         f"--scheduler lcm --steps 1 |")
+        md = "\n".join(lines) + "\n"
+        (out / "loras.md").write_text(md)
+        return md

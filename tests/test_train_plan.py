@@ -1,0 +1,45 @@
+"""The stage plan: seeds derive in one place, each stage knows the settings that shape it, and a rerun into a run
+folder under other settings is refused by name while cosmetic changes reuse what is there."""
+import csv
+
+import pytest
+
+from hsd.cli import main
+from hsd.config import load_config
+from hsd.train import shaping_settings, stage_seeds
+
+TINY = ["tscd.stages=[{k: 2, grid_steps: 16, iterations: 2}]", "tscd.batch_size=4", "lab.eval_per_class=4",
+        "lab.student_steps=[1]", "lab.teacher_steps=2", "trainer.progress_bar=false", "trainer.log_every=1"]
+
+
+def test_seeds_derive_from_the_run_seed_and_the_stage_slot():
+    assert stage_seeds(3, 0) == (3, 300) and stage_seeds(3, 2) == (5, 302) and stage_seeds(0, 60) == (60, 60)
+
+
+def test_each_stage_is_shaped_by_its_own_settings_and_those_before_it():
+    cfg = load_config([], ["feedback.iterations=2", "feedback.rewards={lab: {margin: 1, weight: 1}}",
+                           "dmd.iterations=2"])
+    first, fb, dmd = (shaping_settings(cfg, "tscd", 0), shaping_settings(cfg, "feedback"),
+                      shaping_settings(cfg, "dmd"))
+    assert {"seed", "world", "lora.rank", "tscd.lr", "tscd.stages.0.iterations", "lab.teacher"} <= first.keys()
+    assert not {k for k in first if k.startswith(("tscd.stages.1.", "feedback.", "dmd."))}
+    assert not {"name", "out_dir", "lab.eval_per_class", "trainer.progress_bar", "trainer.logger"} & first.keys()
+    assert "tscd.stages.3.k" in fb and "feedback.lr" in fb and "feedback.merge_weights" not in fb
+    assert "dmd.lr" in dmd and "feedback.lr" not in dmd  # DMD uses the feedback losses only with w_feedback
+    assert "feedback.lr" in shaping_settings(load_config([], ["dmd.w_feedback=1"]), "dmd")
+
+
+def test_rerun_reuses_under_cosmetic_changes_and_refuses_changed_settings(tmp_path, capsys):
+    args = ["train", "experiments/lab/tscd.yaml", *TINY, f"out_dir={tmp_path}", "name=r"]
+    main([*args, "trainer.logger=csv"])
+    rows = list(csv.DictReader(open(tmp_path / "r" / "csv" / "stage0_k2" / "metrics.csv")))
+    assert rows and "train/loss_k2" in rows[-1]  # the CSV logger, chosen by config
+    lora = (tmp_path / "r" / "lora_stage0_k2.safetensors").read_bytes()
+    main([*args, "lab.eval_per_class=2", "trainer.logger=tensorboard"])  # report-only and logging changes
+    assert (tmp_path / "r" / "lora_stage0_k2.safetensors").read_bytes() == lora
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([*args, "tscd.lr=0.01"])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("hsd: error: ") and "stage 'tscd k=2'" in err and "tscd.lr: 0.001 -> 0.01" in err
