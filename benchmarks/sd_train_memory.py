@@ -19,8 +19,8 @@ import lightning as L
 import torch
 
 from hsd.config import load_config
+from hsd.data.batch import EpochLoader, IndexedBatches
 from hsd.diffusion.schedule import NoiseSchedule
-from hsd.lit.data import EpochLoader, IndexedBatches
 from hsd.lit.tscd import TSCDModule
 from hsd.models.components import build_components
 from hsd.models.conditioning import LatentEncoder, TextConditioner
@@ -83,6 +83,7 @@ def timed_fit(module, args, batch_fn) -> tuple[float, float | None]:
 def generation_latency(comps, args) -> tuple[float, float]:
     """Median seconds per 1-step image: hsd's ImageGenerator vs. the stock pipeline call, same pipe object."""
     from diffusers import DDIMScheduler
+
     from hsd.models.components import pipeline
     from hsd.pipelines.generate import ImageGenerator
     pipe = pipeline(comps).to(args.device, dtype=comps.unet.dtype)  # one dtype: the frozen weights'

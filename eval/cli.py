@@ -39,6 +39,7 @@ def specs_from_args(args) -> list:
 
 def prompts_from_args(args) -> list[str]:
     from hsd.pipelines.generate import read_prompts
+
     from .coco import coco5k
     if args.coco:
         path, sha, n = coco5k(args.coco, args.out / "coco5k.txt")

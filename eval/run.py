@@ -61,7 +61,11 @@ class ModelSpec:
         absent = [k for k in required if k not in d]
         if absent:
             raise ConfigError(f"model spec {d.get('name', d)!r} lacks {absent}; required: {required}")
-        lora = tuple((str(p), float(w)) for p, w in (d.get("lora") or ()))
+        try:
+            lora = tuple((str(p), float(w)) for p, w in (d.get("lora") or ()))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"model spec {d['name']!r}: lora must be a list of [file, weight] pairs, got "
+                              f"{d.get('lora')!r}") from e
         return cls(**{**d, "lora": lora})
 
 

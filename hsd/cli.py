@@ -1,4 +1,6 @@
-"""`hsd`: the one entry point. train | generate | eval | lora | lab | lab-teacher | ablate | random-model | random-scorers.
+"""`hsd`: the one entry point.
+
+train | generate | eval | lora | lab | lab-teacher | ablate | random-model | random-scorers.
 
 A user error (hsd.errors.HsdError: a bad config key or value, a missing or foreign file) prints one line,
 `hsd: error: <message>`, and exits with status 2; `hsd --debug ...` or HSD_DEBUG=1 shows its traceback.
@@ -19,7 +21,7 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
 def cmd_train(args) -> None:
     from .config import load_config
     paths, overrides = _split(args.items)
-    cfg = load_config(paths, overrides)  # before importing Lightning: a config error is reported at once
+    cfg = load_config(paths, overrides)  # before the trainer: a config error costs no training
     from .train import run
     print(run(cfg))
 
@@ -77,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     rm.add_argument("--seed", type=int, default=0)
     rm.set_defaults(fn=cmd_random_model)
     from eval.cli import add_eval_commands
+
     from .lora_cli import add_lora_commands
     from .pipelines.generate import add_generate_command
     add_generate_command(sub)

@@ -27,6 +27,10 @@ class MissingFileError(HsdError, FileNotFoundError):
     """A file or folder the user named (or a default one) does not exist."""
 
 
+class MissingPackageError(HsdError, ImportError):
+    """An optional package that a chosen setting needs is not installed; the message says how to install it."""
+
+
 def debug_enabled(flag: bool = False) -> bool:
     return flag or os.environ.get("HSD_DEBUG", "") not in ("", "0")
 

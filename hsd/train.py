@@ -9,7 +9,7 @@ last checkpoint) inside a scope that leaves the UNet's adapters as it found them
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -54,7 +54,7 @@ class Stage:
     build: Callable[[int], StageModule]             # batch seed -> the module
     save: Callable[[L.Trainer, StageModule], None]  # write the artefact (rank 0)
     reuse: Callable[[], None] = lambda: None        # load the artefact instead of training
-    prepare: Callable[[], None] = lambda: None      # adapters the stage needs, trained or reused
+    prepare: Callable[[], None] = lambda: None      # adapters the stage needs to be trained or reused
     callbacks: tuple = ()
 
 
@@ -96,17 +96,19 @@ def run_stage(cfg: Run, world: World, adapters: Adapters, stage: Stage) -> None:
 
 
 def stage_plan(cfg: Run, world: World, adapters: Adapters, out: Path) -> list[Stage]:
+    """The configured stages in order. `parts` is what every stage module is built with besides its own settings."""
+    parts = dict(encoder=world.encoder, fsdp=cfg.trainer.strategy == "fsdp")
     feedback_loss = functools.cache(world.feedback_loss)  # scorers and SOLO load once, and only when a stage trains
-    plan = tscd_stages(cfg, world, adapters, out)
+    plan = tscd_stages(cfg, world, adapters, out, parts)
     if cfg.feedback.iterations:
-        plan.append(feedback_stage(cfg, world, adapters, out, feedback_loss))
+        plan.append(feedback_stage(cfg, world, adapters, out, parts, feedback_loss))
     if cfg.dmd.iterations:
-        plan.append(dmd_stage(cfg, world, adapters, out, feedback_loss))
+        plan.append(dmd_stage(cfg, world, adapters, out, parts, feedback_loss))
     return plan
 
 
-def tscd_stages(cfg: Run, world: World, adapters: Adapters, out: Path) -> list[Stage]:
-    t, fsdp = cfg.tscd, cfg.trainer.strategy == "fsdp"
+def tscd_stages(cfg: Run, world: World, adapters: Adapters, out: Path, parts: dict) -> list[Stage]:
+    t = cfg.tscd
     disc = None  # one discriminator for every adversarial stage, drawn right after the LoRA
     if any(s.w_adv > 0 for s in t.stages):
         disc = FeatureDiscriminator(feature_channels(adapters.unet), t.adv.hidden)
@@ -118,22 +120,20 @@ def tscd_stages(cfg: Run, world: World, adapters: Adapters, out: Path) -> list[S
             kind="tscd", name=f"tscd k={s.k}", folder=out / f"stage{i}_k{s.k}", artefact=artefact, slot=i,
             updates=max(1, round(s.iterations * t.iteration_scale)), batch_size=t.batch_size,
             settings=shaping_settings(cfg, "tscd", i),
-            build=lambda seed, s=s: TSCDModule(adapters.unet, world.schedule, s, t, seed=seed, encoder=world.encoder,
-                                               disc=disc, fsdp=fsdp),
+            build=lambda seed, s=s: TSCDModule(adapters.unet, world.schedule, s, t, seed=seed, disc=disc, **parts),
             save=lambda trainer, _, path=artefact, meta=meta: _save_lora(cfg, trainer, adapters, TSCD, path, meta),
             reuse=lambda path=artefact: adapters.load(path), callbacks=tuple(world.callbacks(s.k))))
     return plan
 
 
-def feedback_stage(cfg: Run, world: World, adapters: Adapters, out: Path, feedback_loss) -> Stage:
-    """The feedback LoRA, trained on top of the frozen TSCD LoRA."""
+def feedback_stage(cfg: Run, world: World, adapters: Adapters, out: Path, parts: dict, feedback_loss) -> Stage:
+    """The feedback LoRA, trained on top of the frozen TSCD LoRA (its adapter is needed to reuse its file too)."""
     f, artefact = cfg.feedback, out / "lora_feedback.safetensors"
     return Stage(
-        kind="feedback", name="feedback", folder=out / "feedback", artefact=artefact, slot=FEEDBACK_SLOT, updates=f.iterations,
-        batch_size=f.batch_size, settings=shaping_settings(cfg, "feedback"),
+        kind="feedback", name="feedback", folder=out / "feedback", artefact=artefact, slot=FEEDBACK_SLOT,
+        updates=f.iterations, batch_size=f.batch_size, settings=shaping_settings(cfg, "feedback"),
         prepare=lambda: adapters.attach(FEEDBACK, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets),
-        build=lambda seed: FeedbackModule(adapters.unet, world.schedule, f, feedback_loss(), seed=seed,
-                                          encoder=world.encoder, fsdp=cfg.trainer.strategy == "fsdp"),
+        build=lambda seed: FeedbackModule(adapters.unet, world.schedule, f, feedback_loss(), seed=seed, **parts),
         save=lambda trainer, _: _save_lora(cfg, trainer, adapters, FEEDBACK, artefact, {"stage": "feedback"}),
         reuse=lambda: adapters.load(artefact, FEEDBACK))
 
@@ -145,20 +145,17 @@ def dmd_path(out: Path, d) -> Path:
     return out / ("lora_unified.safetensors" if d.timestep == 999 else f"lora_onestep_t{d.timestep}.safetensors")
 
 
-def dmd_stage(cfg: Run, world: World, adapters: Adapters, out: Path, feedback_loss) -> Stage:
+def dmd_stage(cfg: Run, world: World, adapters: Adapters, out: Path, parts: dict, feedback_loss) -> Stage:
     """DMD on the TSCD LoRA: a LoRA (generator=lora) or the one-step UNet folder (generator=full)."""
     d, artefact = cfg.dmd, dmd_path(out, cfg.dmd)
 
-    def prepare():
+    def build(seed: int) -> DMDModule:  # draws in this order: the fake LoRA's factors, then the two copies
         if d.fake == "lora":
             adapters.attach(FAKE, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
-
-    def build(seed: int) -> DMDModule:
         gen = adapters.fused({TSCD: 1.0}).float().requires_grad_(True) if d.generator == "full" else None
         fake = adapters.fused().float().requires_grad_(True) if d.fake == "full" else None
         return DMDModule(adapters.unet, world.schedule, d, feedback_loss() if d.w_feedback else None, seed=seed,
-                         encoder=world.encoder, fsdp=cfg.trainer.strategy == "fsdp", generator_unet=gen,
-                         fake_unet=fake)
+                         generator_unet=gen, fake_unet=fake, **parts)
 
     def save(trainer: L.Trainer, module: DMDModule) -> None:
         if d.generator == "lora":
@@ -168,8 +165,8 @@ def dmd_stage(cfg: Run, world: World, adapters: Adapters, out: Path, feedback_lo
                 module.gen_unet.save_pretrained(tmp)
 
     return Stage(kind="dmd", name="dmd", folder=out / "dmd", artefact=artefact, slot=DMD_SLOT, updates=d.iterations,
-                 batch_size=d.batch_size, settings=shaping_settings(cfg, "dmd"), prepare=prepare, build=build,
-                 save=save, reuse=lambda: adapters.load(artefact) if d.generator == "lora" else None)
+                 batch_size=d.batch_size, settings=shaping_settings(cfg, "dmd"), build=build, save=save,
+                 reuse=lambda: adapters.load(artefact) if d.generator == "lora" else None)
 
 
 def _save_lora(cfg: Run, trainer: L.Trainer, adapters: Adapters, name: str, path: Path, meta: dict) -> None:
@@ -179,61 +176,78 @@ def _save_lora(cfg: Run, trainer: L.Trainer, adapters: Adapters, name: str, path
 
 
 # ---- the settings that shape a stage: a rerun into the same folder must not change them ----
-# Keys that shape no stage: names and places, logging, the report's own settings, data loading speed.
-COSMETIC = ("name", "out_dir", "trainer.accelerator", "trainer.progress_bar", "trainer.log_every", "trainer.ckpt_every", "trainer.logger",
-            "trainer.strategy", "data.num_workers", "data.sample_prompts", "feedback.merge_weights")
+# Keys that shape no stage's result: names and places, logging, speed and memory, the report's own settings.
+COSMETIC = ("name", "out_dir", "trainer.accelerator", "trainer.strategy", "trainer.progress_bar", "trainer.log_every",
+            "trainer.ckpt_every", "trainer.logger", "data.num_workers", "data.sample_prompts",
+            "model.gradient_checkpointing", "feedback.merge_weights")
 REPORT_ONLY = "lab."  # the lab's evaluation settings; lab.teacher, the model itself, does shape every stage
+# How an unfinished stage's batches are split: they matter to resuming it, not to reusing a finished artefact.
+RESUME_ONLY = ("trainer.devices", "trainer.num_nodes", "trainer.precision")
+# What DMD takes from the feedback section when dmd.w_feedback > 0: the losses, not the feedback stage's training.
+FEEDBACK_LOSS = ("feedback.rewards", "feedback.instance_weight", "feedback.t_range", "feedback.scorers",
+                 "feedback.solo", "feedback.solo_classes", "feedback.coco_annotations", "feedback.coco_images")
 
 
 def shaping_settings(cfg: Run, kind: str, index: int = 0) -> dict:
-    """The flattened settings that TSCD stage `index`, the feedback stage or the DMD stage depends on: the shared
-    ones (seed, world, model, LoRA, data, precision, devices), every TSCD setting of the stages up to it, and
-    the stage's own section (DMD also the feedback rewards when it uses them)."""
-    from omegaconf import OmegaConf
-    flat = _flatten(OmegaConf.to_container(OmegaConf.structured(cfg)))
+    """The settings that TSCD stage `index`, the feedback stage or the DMD stage depends on, as {dotted key: value}
+    (lists and mappings whole): the shared ones (seed, world, model, LoRA, data), the TSCD settings with the
+    stages up to it, and the stage's own section (DMD also the feedback losses when it uses them)."""
     keep = {}
-    for key, value in flat.items():
+    for key, value in _flatten(cfg).items():
         section = key.split(".")[0]
         if key.startswith(COSMETIC) or (key.startswith(REPORT_ONLY) and key != "lab.teacher"):
             continue
-        if section == "tscd" and kind == "tscd" and key.startswith("tscd.stages."):
-            if int(key.split(".")[2]) > index:
-                continue
-        if section == "feedback" and not (kind == "feedback" or (kind == "dmd" and cfg.dmd.w_feedback)):
+        if section == "feedback" and not (kind == "feedback" or (kind == "dmd" and cfg.dmd.w_feedback
+                                                                 and key.startswith(FEEDBACK_LOSS))):
             continue
         if section == "dmd" and kind != "dmd":
             continue
-        keep[key] = value
+        keep[key] = value[:index + 1] if key == "tscd.stages" and kind == "tscd" else value
     return keep
 
 
-def _flatten(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        items = tree.items()
-    elif isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
-        items = ((str(i), v) for i, v in enumerate(tree))
-    else:
-        return {prefix[:-1]: tree}
+def _flatten(section, prefix: str = "") -> dict:
+    """{dotted key: value} over the config's sections; list and mapping values (stages, rewards) stay whole."""
     out = {}
-    for k, v in items:
-        out |= _flatten(v, f"{prefix}{k}.")
+    for f in fields(section):
+        value = getattr(section, f.name)
+        if is_dataclass(value):
+            out |= _flatten(value, f"{prefix}{f.name}.")
+        else:
+            out[prefix + f.name] = _plain(value)
     return out
+
+
+def _plain(value):
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def refuse_changed_settings(plan: list[Stage]) -> None:
     """A stage that already has an artefact or a checkpoint must not be reused or resumed under other settings."""
     for stage in plan:
-        saved = stage.folder / "settings.yaml"
-        if not saved.exists() or not (stage.artefact.exists() or last_checkpoint(stage.folder)):
+        saved, finished = stage.folder / "settings.yaml", stage.artefact.exists()
+        if not saved.exists() or not (finished or last_checkpoint(stage.folder)):
             continue
         before = yaml.safe_load(saved.read_text()) or {}
-        # keys of only one side (a field a newer hsd added or dropped) are not held against the run
-        changed = sorted(k for k in before.keys() & stage.settings.keys() if before[k] != stage.settings[k])
+        # a key of only one side is a field a newer or older hsd has and this one lacks: not held against the run
+        changed = sorted(k for k in before.keys() & stage.settings.keys() if before[k] != stage.settings[k]
+                         and not (finished and k.startswith(RESUME_ONLY)))
         if changed:
-            diffs = ", ".join(f"{k}: {before[k]!r} -> {stage.settings[k]!r}" for k in changed[:4])
-            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            diffs = "; ".join(f"{k}: {_short(before[k])} -> {_short(stage.settings[k])}" for k in changed[:3])
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
             raise ConfigError(f"{stage.folder.parent} already holds stage '{stage.name}' trained with other settings "
                               f"({diffs}{more}); use another name= or out_dir=, or restore those settings")
+
+
+def _short(value, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _write_settings(stage: Stage) -> None:

@@ -19,9 +19,9 @@ def worker(rank: int, world: int, port: str) -> None:
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.func import functional_call
 
+    from hsd.lit.strategies import fsdp_kwargs
     from hsd.models.components import build_components
     from hsd.models.lora import attach_lora, lora_params, unet_lora
-    from hsd.lit.strategies import fsdp_kwargs
     torch.manual_seed(0)
     unet = build_components("tiny-sd15").unet
     attach_lora(unet, 4, 4)

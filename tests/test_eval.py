@@ -269,8 +269,8 @@ def test_table_puts_paper_numbers_beside_matching_rows(weights, tiny_model, tmp_
 
 def test_eval_cli_errors(weights, tmp_path):
     from eval.cli import METRIC_NAMES
-    from hsd.scorers.scorers import METRICS
     from hsd.cli import main
+    from hsd.scorers.scorers import METRICS
     assert METRIC_NAMES == METRICS
     spec = tmp_path / "spec.yaml"
     spec.write_text("specs:\n  - {name: a, model: m, steps: 1, stepz: 2}\n")

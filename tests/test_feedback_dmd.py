@@ -9,8 +9,8 @@ from hsd.diffusion.schedule import NoiseSchedule, eps_to_x0
 from hsd.lab.teacher import load_teacher
 from hsd.lit.dmd import DMDModule
 from hsd.lit.feedback import FeedbackModule
-from hsd.models import lora as lio
 from hsd.lit.trainer import make_trainer
+from hsd.models import lora as lio
 from hsd.rewards.feedback import FeedbackLoss
 from hsd.worlds.lab import LabData, LabReward
 

@@ -25,8 +25,8 @@ pytest.importorskip("mmdet", reason="the instance loss needs mmdet: bash scripts
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
     """Random scorers, a random SOLO checkpoint, a two-image COCO instances file, an image-text folder."""
-    from hsd.scorers.random_weights import write_random_scorers
     from hsd.rewards.instance import build_solo
+    from hsd.scorers.random_weights import write_random_scorers
     root = tmp_path_factory.mktemp("feedback")
     write_random_scorers(root / "scorers", "tiny")
     torch.manual_seed(0)
@@ -116,3 +116,20 @@ def test_hsd_train_runs_tscd_feedback_and_dmd(files, arch, tmp_path):
     from hsd.pipelines import load_generator
     gen = load_generator(str(model), lora=[(str(out / "lora_unified.kohya.safetensors"), 1.0)], scheduler="tcd")
     assert np.asarray(gen.generate(["a cat"], 1, [0])[0]).std() > 0
+
+
+def test_hsd_train_names_a_bad_solo_checkpoint_in_one_line(files, tmp_path, capsys):
+    """A SOLO checkpoint for another dataset stops `hsd train` before any trainer starts: one line, exit status 2."""
+    from hsd.cli import main
+    torch.manual_seed(0)
+    from hsd.rewards.instance import build_solo
+    save_file(build_solo(20).state_dict(), tmp_path / "solo_voc.safetensors")
+    model = build_components("tiny-sd15").save_pretrained(tmp_path / "model")
+    args = [str(ROOT / "experiments/tiny/sd15.yaml"), *_overrides(files, model, "sd15"), "tscd.stages=[]",
+            "feedback.iterations=1", f"feedback.solo={tmp_path / 'solo_voc.safetensors'}", f"out_dir={tmp_path}"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", *args])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith("hsd: error: ") and "predicts 20 classes but the instance loss is set up for 80" in err
+    assert not list(tmp_path.glob("*/feedback/checkpoints"))

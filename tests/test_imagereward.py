@@ -13,9 +13,17 @@ import pytest
 import torch
 from PIL import Image
 
-from hsd.scorers.imagereward import (ImageRewardScorer, imagereward_key_map, imagereward_official_shapes,
-                                     load_imagereward, med_config_for, random_imagereward_state_dict,
-                                     synthetic_bert_vocab, synthetic_image, write_bert_vocab)
+from hsd.scorers.imagereward import (
+    ImageRewardScorer,
+    imagereward_key_map,
+    imagereward_official_shapes,
+    load_imagereward,
+    med_config_for,
+    random_imagereward_state_dict,
+    synthetic_bert_vocab,
+    synthetic_image,
+    write_bert_vocab,
+)
 from hsd.scorers.imagereward_weights import tensor_sha256
 from hsd.scorers.images import crop224 as shared_crop
 from hsd.scorers.images import to_unit

@@ -12,8 +12,16 @@ from safetensors.torch import load_file, save, save_file
 
 from hsd.lora_cli import add_lora_commands
 from hsd.models.components import ARCHS
-from hsd.models.lora import (LoraFormatError, attach_lora, fuse_loras, load_lora, load_lora_adapter, lora_params,
-                             save_lora, unet_lora)
+from hsd.models.lora import (
+    LoraFormatError,
+    attach_lora,
+    fuse_loras,
+    load_lora,
+    load_lora_adapter,
+    lora_params,
+    save_lora,
+    unet_lora,
+)
 from hsd.models.lora_formats import convert_lora, lora_summary, merge_loras, read_lora
 
 # Hyper-SD's target modules (those of diffusers' LCM-LoRA scripts); with these, rank 64, fp32 and an alpha per

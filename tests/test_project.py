@@ -67,8 +67,9 @@ def test_cli_reports_bad_key_and_missing_teacher(tmp_path):
     assert r.returncode != 0 and "hsd lab-teacher" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_eval_package_exposes_the_lab_metrics(world):
+def test_lab_metrics_score_mode_centres_as_aligned(world):
     import torch
+
     from hsd.lab.world import metrics as lab_metrics
     labels = torch.arange(4)
     assert lab_metrics(world, world.means[labels, 0], labels)["alignment"] == 1.0

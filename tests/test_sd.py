@@ -18,7 +18,7 @@ from hsd.config import load_config
 from hsd.diffusion.schedule import NoiseSchedule
 from hsd.lit.tscd import TSCDModule
 from hsd.losses.adversarial import d_loss, g_loss
-from hsd.models.components import (ARCHS, ModelError, build_components, check_family, load_components)
+from hsd.models.components import ARCHS, ModelError, build_components, check_family, load_components
 from hsd.models.conditioning import LatentEncoder, TextConditioner
 from hsd.models.discriminator import FeatureDiscriminator, encoder_features, feature_channels
 from hsd.models.lora import attach_lora, load_lora, lora_params

@@ -21,12 +21,15 @@ def test_each_stage_is_shaped_by_its_own_settings_and_those_before_it():
                            "dmd.iterations=2"])
     first, fb, dmd = (shaping_settings(cfg, "tscd", 0), shaping_settings(cfg, "feedback"),
                       shaping_settings(cfg, "dmd"))
-    assert {"seed", "world", "lora.rank", "tscd.lr", "tscd.stages.0.iterations", "lab.teacher"} <= first.keys()
-    assert not {k for k in first if k.startswith(("tscd.stages.1.", "feedback.", "dmd."))}
-    assert not {"name", "out_dir", "lab.eval_per_class", "trainer.progress_bar", "trainer.logger"} & first.keys()
-    assert "tscd.stages.3.k" in fb and "feedback.lr" in fb and "feedback.merge_weights" not in fb
-    assert "dmd.lr" in dmd and "feedback.lr" not in dmd  # DMD uses the feedback losses only with w_feedback
-    assert "feedback.lr" in shaping_settings(load_config([], ["dmd.w_feedback=1"]), "dmd")
+    assert {"seed", "world", "lora.rank", "tscd.lr", "lab.teacher", "trainer.devices"} <= first.keys()
+    assert first["tscd.stages"] == [{"k": 8, "grid_steps": 32, "iterations": 200, "w_mse": 1.0, "w_adv": 0.0}]
+    assert not {k for k in first if k.startswith(("feedback.", "dmd."))}
+    assert not {"name", "out_dir", "lab.eval_per_class", "trainer.progress_bar", "trainer.logger",
+                "model.gradient_checkpointing"} & first.keys()
+    assert len(fb["tscd.stages"]) == 4 and "feedback.lr" in fb and "feedback.merge_weights" not in fb
+    assert "dmd.lr" in dmd and "feedback.rewards" not in dmd  # DMD uses the feedback losses only with w_feedback
+    with_losses = shaping_settings(load_config([], ["dmd.w_feedback=1"]), "dmd")
+    assert "feedback.rewards" in with_losses and "feedback.lr" not in with_losses  # its losses, not its training
 
 
 def test_rerun_reuses_under_cosmetic_changes_and_refuses_changed_settings(tmp_path, capsys):

@@ -7,12 +7,12 @@ from hsd.config import load_config
 from hsd.diffusion.segments import ddim_grid, sample_times
 from hsd.diffusion.solvers import ddim_step
 from hsd.lab.teacher import MissingTeacherError, load_teacher
+from hsd.lit.trainer import make_trainer
 from hsd.lit.tscd import TSCDModule
-from hsd.worlds.lab import LabData
 from hsd.losses.consistency import tscd_loss
 from hsd.models.ema import EMA
 from hsd.models.lora import LoraFormatError, load_lora, lora_params, save_lora
-from hsd.lit.trainer import make_trainer
+from hsd.worlds.lab import LabData
 
 
 def _module(lab_parts, k=4, iterations=6):
@@ -86,8 +86,8 @@ def test_resume_reproduces_uninterrupted_losses(world, tmp_path, accumulate):
     """7 updates (of `accumulate` micro-batches each) uninterrupted == 3 updates, stop, resume to 7."""
     def run(out, updates, ckpt=None, rec=None):
         teacher = load_teacher()
-        from hsd.models.lora import attach_lora
         from hsd.diffusion.schedule import NoiseSchedule
+        from hsd.models.lora import attach_lora
         cfg = load_config([], ["tscd.stages=[{k: 2, grid_steps: 16, iterations: 7}]", "tscd.batch_size=8",
                                f"tscd.accumulate={accumulate}", "trainer.progress_bar=false"])
         L.seed_everything(0, verbose=False)  # LoRA A is drawn at random: seed before attaching

@@ -5,9 +5,9 @@ are refused with the nearest known key suggested, a value of the wrong type with
 that hold it; the resolved config is saved in the run folder.
 
 Every numeric field states its allowed range in its metadata (`ge`, `gt`, `within`; `one_of` for a few
-strings), checked by one walker (`_check_fields`) that descends into nested dataclasses, lists of them
-(tscd.stages.N) and mappings of them (feedback.rewards.NAME); rules that tie fields together follow in
-`_validate`.
+strings: `schema.py`), checked by one walker (`rules.check_fields`) that descends into nested dataclasses, lists
+of them (tscd.stages.N) and mappings of them (feedback.rewards.NAME); rules that tie fields together follow in
+`validate.py`, and last the named world's own rules (`hsd.worlds`). `loading.py` reads YAML and overrides.
 """
 from __future__ import annotations
 

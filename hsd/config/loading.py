@@ -16,6 +16,7 @@ from .rules import FieldError
 from .schema import Run
 from .validate import validate
 
+
 @dataclass
 class _Layer:
     """One YAML file's keys, with its parsed node tree for the line of a key."""
@@ -146,11 +147,17 @@ def _type_name(t) -> str:
     if is_dataclass(t):
         return f"a mapping of {t.__name__} keys ({', '.join(f.name for f in fields(t))})"
     if origin is list:
-        return f"a list of {_type_name(args[0]).split(' ', 1)[1]}s"
+        return f"a list of {_plural(_type_name(args[0]))}"
     if origin is dict:
-        return f"a mapping of names to {_type_name(args[1]).split(' ', 1)[1]}s"
+        return f"a mapping of names to {_plural(_type_name(args[1]))}"
     return {int: "an integer", float: "a number", bool: "a boolean (true or false)", str: "a string"}.get(
         t, f"a {getattr(t, '__name__', t)}")
+
+
+def _plural(name: str) -> str:
+    """"a mapping of X keys (..)" -> "mappings of X keys (..)", "an integer" -> "integers"."""
+    head, _, tail = name.split(" ", 1)[1].partition(" ")
+    return f"{head}s {tail}".strip()
 
 
 def _leaves(t, value, parts: tuple[str, ...] = (), wrap=lambda v: v):
@@ -195,19 +202,38 @@ def _override(cfg, item: str):
     except yaml.YAMLError as e:
         raise ConfigError(f"override {item!r}: {text!r} is not a YAML value "
                           f"({getattr(e, 'problem', None) or str(e).splitlines()[0]})") from e
+    absent = _absent_entry(cfg, key.split("."))
+    if absent:
+        raise ConfigError(f"override {item!r}: {absent}")
     try:
         OmegaConf.update(cfg, key, value, merge=True)
     except OmegaConfBaseException as e:
         if t is not None:  # a wrong type for a key that exists
             raise ConfigError(f"override {item!r}: {key} must be {_type_name(t)}, got {value!r}") from e
-        # e.g. a new dict entry set key by key
-        raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]} (set a new mapping entry whole, e.g. "
-                          f"feedback.rewards={{Aes: {{margin: 7, weight: 1}}}})") from e
+        raise ConfigError(f"override {item!r}: {str(e).splitlines()[0]}") from e
     return cfg
 
 
+def _absent_entry(cfg, parts: list[str]) -> str | None:
+    """Why `parts` names a list item or mapping entry that is not there (None if it is): such an entry is set whole."""
+    node = cfg
+    for i, part in enumerate(parts[:-1]):
+        node = node[int(part)] if OmegaConf.is_list(node) else node.get(part)
+        child = parts[i + 1]
+        if OmegaConf.is_list(node) and child.isdigit() and int(child) >= len(node):
+            where = ".".join(parts[:i + 1])
+            return (f"{where} has {len(node)} entries (0..{len(node) - 1}); set the whole list to change their "
+                    f"number, e.g. {where}=[...]")
+        if OmegaConf.is_dict(node) and not OmegaConf.is_config(node.get(child)) and i + 2 < len(parts) \
+                and child not in node:
+            where = ".".join(parts[:i + 1])
+            return (f"{where} has no entry {child!r}; set a new mapping entry whole, e.g. "
+                    f"feedback.rewards={{Aes: {{margin: 7, weight: 1}}}}")
+    return None
+
+
 def _check_path(cls, parts: list[str], where: str, prefix: str = ""):
-    """Refuse an unknown override key; return its type, or None below a mapping entry (its keys are free)."""
+    """Refuse an unknown override key; return its type (None for a whole mapping entry's free keys)."""
     hints = typing.get_type_hints(cls)
     if parts[0] not in hints:
         raise _unknown(parts[0], [f.name for f in fields(cls)], prefix, f"override '{where}'")
@@ -215,6 +241,8 @@ def _check_path(cls, parts: list[str], where: str, prefix: str = ""):
     origin, args = typing.get_origin(t), typing.get_args(t)
     if rest and origin is list and rest[0].isdigit():
         t, rest, prefix = args[0], rest[1:], f"{prefix}{parts[0]}.{rest[0]}."
+    elif rest and origin is dict and is_dataclass(args[1]) and len(rest) > 1:
+        t, rest, prefix = args[1], rest[1:], f"{prefix}{parts[0]}.{rest[0]}."
     elif rest and origin is dict:
         return None
     else:

@@ -5,6 +5,7 @@ from dataclasses import dataclass, fields, is_dataclass
 
 from ..errors import ConfigError
 
+
 class FieldError(ConfigError):
     """A value outside its field's range: `key` lets load_config name the YAML line that set it."""
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .rules import FieldError, check_fields
-from .schema import DMD, DTYPES, T, Run
+from .schema import DMD, DTYPES, Run, T
 
 
 def validate(run: Run) -> None:

@@ -70,6 +70,9 @@ class EpochLoader(DataLoader):
     the remaining batches would end it early and start the loader over (repeating batches). Each batch's
     skipped count becomes the running total, summed here since a worker only sees its own batches."""
 
+    def __init__(self, dataset, **kwargs):
+        super().__init__(dataset, batch_size=None, **kwargs)  # every item is a whole batch
+
     def __len__(self) -> int:
         return self.dataset.stop
 

@@ -139,4 +139,4 @@ class ImageTextData(L.LightningDataModule):
         # Called after a checkpoint is restored: start at the first batch not yet trained on.
         batches = ImageTextBatches(self.source, self.prep, self.batch_size, batches_done(self.trainer), self.steps,
                                    self.seed, *rank_of(self.trainer))
-        return EpochLoader(batches, batch_size=None, num_workers=self.num_workers)
+        return EpochLoader(batches, num_workers=self.num_workers)

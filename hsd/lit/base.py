@@ -13,9 +13,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from ..data.batch import Batch, RawBatch, micro_batch
 from ..diffusion.schedule import NoiseSchedule, eps_to_x0
-from ..data.batch import micro_batch
-from ..errors import HsdError
+from ..errors import HsdError, MissingPackageError
 from ..models.adapters import TSCD, Adapters
 
 
@@ -54,15 +54,15 @@ class StageModule(L.LightningModule):
         (`hsd.train` runs each stage inside `Adapters.restoring`, so the state is put back after the stage)."""
         self.adapters.use(self.active, self.trained)
 
-    def completes_update(self, batch: dict) -> bool:
+    def completes_update(self, batch: RawBatch) -> bool:
         """Whether this micro-batch is the last of an optimizer update (gradient accumulation)."""
         return (micro_batch(int(batch["index"]), self.trainer.world_size) + 1) % self.accumulate == 0
 
-    def generator(self, batch: dict) -> torch.Generator:
+    def generator(self, batch: RawBatch) -> torch.Generator:
         """Seeded by the batch's global index, so a resumed run draws exactly what the uninterrupted one did."""
         return torch.Generator().manual_seed(self.seed * 1_000_003 + int(batch["index"]) + 7)
 
-    def encode(self, batch: dict, g: torch.Generator) -> dict:
+    def encode(self, batch: RawBatch, g: torch.Generator) -> Batch:
         return batch if self.encoder is None else self.encoder(batch, g)
 
     def eps(self, x: Tensor, t: Tensor, cond, unet: nn.Module | None = None) -> Tensor:
@@ -136,5 +136,5 @@ def adamw(kind: str):
     try:
         import bitsandbytes as bnb
     except ImportError as e:
-        raise ImportError("tscd.optimizer=adamw8bit needs bitsandbytes: pip install 'hsd[bnb]'") from e
+        raise MissingPackageError("tscd.optimizer=adamw8bit needs bitsandbytes: pip install 'hsd[bnb]'") from e
     return bnb.optim.AdamW8bit

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.batch import RawBatch
 from ..diffusion.schedule import NoiseSchedule, add_noise, eps_to_x0
 from ..diffusion.segments import inference_timesteps
 from ..diffusion.solvers import guided_eps, teacher_step
@@ -86,7 +87,7 @@ class DMDModule(StageModule):
         return x
 
     # ---- one batch: a generator update, then the fake score's ----
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: RawBatch, batch_idx: int) -> Tensor:
         g = self.generator(batch)
         batch = self.encode(batch, g)
         cond, uncond, like = batch["cond"], batch["uncond"], batch["x0"]

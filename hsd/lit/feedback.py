@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..data.batch import Batch, RawBatch
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.segments import inference_timesteps
 from ..diffusion.solvers import ddim_step
@@ -39,7 +40,7 @@ class FeedbackModule(StageModule):
             raise ConfigError(f"feedback.t_range {cfg.t_range} holds none of the {cfg.steps}-step grid's timesteps "
                               f"{self.grid.tolist()}")
 
-    def x0_from_noise(self, batch: dict, g: torch.Generator) -> Tensor:
+    def x0_from_noise(self, batch: Batch, g: torch.Generator) -> Tensor:
         """x_T -> (no gradient) the grid step t_j, j drawn from the stops in t_range -> x'_0 (gradient)."""
         like, cond = batch["x0"], batch["cond"]
         x = torch.randn(like.shape, generator=g).to(like)
@@ -50,7 +51,7 @@ class FeedbackModule(StageModule):
                 x = ddim_step(self.schedule, x, self.eps(x, at[i], cond), at[i], at[i + 1])
         return self.denoise(x, at[j], cond)
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: RawBatch, batch_idx: int) -> Tensor:
         g = self.generator(batch)
         batch = self.encode(batch, g)
         losses, rewards = self.loss(self.x0_from_noise(batch, g), batch, self.denoise, self.schedule, g)

@@ -25,7 +25,8 @@ def fsdp_kwargs(trained: list[torch.nn.Parameter]) -> dict:
 
     The LoRA tensors are few and small: as `ignored_states` they stay whole on every rank like under DDP, so
     the EMA and its functional_call target work unchanged, and TSCDModule averages their gradients itself
-    (the discriminator lives outside the wrapped UNet and is never sharded). The frozen weights, which are what is big, are sharded (ZeRO-3).
+    (the discriminator lives outside the wrapped UNet and is never sharded). The frozen weights, which are what is
+    big, are sharded (ZeRO-3).
     """
     from diffusers.models.unets import unet_2d_blocks as blocks
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
-from ..errors import ConfigError
+from ..errors import ConfigError, MissingPackageError
 from .strategies import AtomicCheckpointIO, make_strategy
 
 if TYPE_CHECKING:
@@ -57,7 +57,7 @@ def make_logger(kind: str, root: Path, version: str):
     try:
         import wandb  # noqa: F401
     except ImportError as e:
-        raise ConfigError("trainer.logger=wandb needs the wandb package: pip install wandb") from e
+        raise MissingPackageError("trainer.logger=wandb needs the wandb package: pip install wandb") from e
     return loggers.WandbLogger(name=f"{root.name}/{version}", save_dir=root, offline=True)
 
 
@@ -65,13 +65,24 @@ def make_trainer(cfg: Run, sdir: Path, max_steps: int, ckpt_every: int, callback
                  trained: list[torch.nn.Parameter] = (), stage: str = "") -> L.Trainer:
     """A stage's Trainer: checkpoints every `ckpt_every` optimizer steps in sdir/checkpoints (atomically), logs in
     the run folder under the stage's name."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     t = cfg.trainer
     bar = [StageProgressBar(stage or sdir.name)] if t.progress_bar else []
+    try:
+        return _trainer(cfg, sdir, max_steps, ckpt_every, [*bar, *callbacks], trained)
+    except MisconfigurationException as e:  # e.g. trainer.accelerator=gpu on a machine without one
+        raise ConfigError(f"trainer settings (accelerator {t.accelerator!r}, devices {t.devices}, strategy "
+                          f"{t.strategy!r}, precision {t.precision!r}): {str(e).splitlines()[0]}") from e
+
+
+def _trainer(cfg: Run, sdir: Path, max_steps: int, ckpt_every: int, callbacks: list, trained) -> L.Trainer:
+    t = cfg.trainer
     return L.Trainer(
         max_steps=max_steps, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=make_strategy(cfg, trained), precision=t.precision, logger=make_logger(t.logger, sdir.parent, sdir.name),
+        strategy=make_strategy(cfg, trained), precision=t.precision,
+        logger=make_logger(t.logger, sdir.parent, sdir.name),
         callbacks=[ModelCheckpoint(dirpath=sdir / "checkpoints", save_last=True, save_top_k=0,
-                                   every_n_train_steps=ckpt_every), *bar, *callbacks],
+                                   every_n_train_steps=ckpt_every), *callbacks],
         plugins=[AtomicCheckpointIO()], log_every_n_steps=t.log_every, enable_progress_bar=t.progress_bar,
         enable_model_summary=False, num_sanity_val_steps=0, deterministic=t.accelerator == "cpu",
         use_distributed_sampler=False)  # every world's data shards itself by rank (hsd.data.batch)

@@ -13,14 +13,15 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from ..data.batch import Batch, RawBatch
 from ..diffusion.schedule import NoiseSchedule, add_noise, renoise
 from ..diffusion.segments import ddim_grid, sample_times
 from ..diffusion.solvers import cat_cond, ddim_step, teacher_step
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.consistency import tscd_loss
+from ..models.adapters import TSCD as ADAPTER
 from ..models.discriminator import FeatureDiscriminator, encoder_features
 from ..models.ema import EMA
-from ..models.adapters import TSCD as ADAPTER
 from .base import StageModule, adamw, no_checkpointing, unet_kwargs
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ class TSCDModule(StageModule):
     def ema_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
         return functional_call(self.unet, self.ema.tensors(), (x, t), unet_kwargs(cond), strict=False).sample
 
-    def tscd_pair(self, batch: dict, g: torch.Generator) -> tuple[Tensor, Tensor, dict]:
+    def tscd_pair(self, batch: Batch, g: torch.Generator) -> tuple[Tensor, Tensor, dict]:
         """(student prediction, target), both projected to t_end (Eq. 14), and the draws that made them.
 
         All randomness comes from g.
@@ -74,7 +75,7 @@ class TSCDModule(StageModule):
         with self.teacher(), no_checkpointing(self.unet):
             return self.disc(encoder_features(self.unet, x, t, unet_kwargs(cond), not self.fsdp))
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: RawBatch, batch_idx: int) -> Tensor:
         g = self.generator(batch)
         batch = self.encode(batch, g)
         pred, target, aux = self.tscd_pair(batch, g)

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from ..errors import ConfigError
 from . import lora as lora_io
 
 TSCD, FEEDBACK, FAKE = "default", "feedback", "fake"  # the TSCD LoRA keeps peft's default name
@@ -28,25 +29,27 @@ def _tuner_layers(unet) -> list[BaseTunerLayer]:
     return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def _lora_flags(unet) -> dict[str, bool]:
-    return {n: p.requires_grad for n, p in unet.named_parameters() if "lora_" in n}
+def _lora_flags(unet) -> list[tuple[torch.nn.Parameter, bool]]:
+    """Each LoRA tensor with its trainable flag, by object: names change when FSDP wraps the UNet."""
+    return [(p, p.requires_grad) for n, p in unet.named_parameters() if "lora_" in n]
 
 
 @contextmanager
 def _restored(unet) -> Iterator[None]:
-    """Put back each layer's active adapters, the on/off switch and every LoRA tensor's trainable flag."""
-    layers = _tuner_layers(unet)
-    before = [(list(layer.active_adapters), layer.disable_adapters) for layer in layers]
+    """Put back each layer's active adapters, the on/off switch and every LoRA tensor's trainable flag. A layer
+    made inside (an adapter on modules no earlier one covers) runs the adapters that ran before, which it lacks."""
+    layers = {id(layer): (list(layer.active_adapters), layer.disable_adapters) for layer in _tuner_layers(unet)}
+    running = next(iter(layers.values()), ([], False))
     flags = _lora_flags(unet)
     try:
         yield
     finally:
-        for layer, (names, disabled) in zip(layers, before):
+        for layer in _tuner_layers(unet):
+            names, disabled = layers.get(id(layer), running)
             layer.set_adapter(names, inference_mode=True)
             layer.enable_adapters(not disabled)
-        for n, p in unet.named_parameters():
-            if n in flags:
-                p.requires_grad_(flags[n])
+        for p, trainable in flags:
+            p.requires_grad_(trainable)
 
 
 def use(unet, active: Iterable[str], trained: Iterable[str] = ()) -> None:
@@ -81,7 +84,10 @@ def add(unet, name: str, rank: int, alpha: float, targets: list[str] | None = No
     """A zero-initialised adapter (B = 0) beside the existing ones, in fp32, frozen until a stage trains it; which
     adapters run is left as it was. The first adapter freezes the base UNet."""
     with _restored(unet):
-        params = lora_io.add_adapter(unet, name, rank, alpha, targets)
+        try:
+            params = lora_io.add_adapter(unet, name, rank, alpha, targets)
+        except ValueError as e:  # peft: "Target modules {...} not found in the base model"
+            raise ConfigError(f"lora.targets {targets}: {str(e).splitlines()[0]}") from e
     for p in params.values():
         p.data = p.data.float()  # trained in fp32 even when the frozen weights are bf16
         p.requires_grad_(False)

@@ -11,8 +11,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
-from .lora_formats import (PREFIX, LoraFile, LoraFormatError, LoraModule, peft_config_kwargs, read_lora,
-                           write_lora)
+from .lora_formats import PREFIX, LoraFile, LoraFormatError, LoraModule, peft_config_kwargs, read_lora, write_lora
 from .targets import DEFAULT_TARGETS
 
 __all__ = ["DEFAULT_TARGETS", "PREFIX", "LoraFormatError", "attach_lora", "add_adapter", "lora_params", "save_lora",
@@ -22,9 +21,7 @@ __all__ = ["DEFAULT_TARGETS", "PREFIX", "LoraFormatError", "attach_lora", "add_a
 def attach_lora(unet, rank: int, alpha: float, targets: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Freeze the UNet, add a peft LoRA (B = 0, so the student starts as the teacher); return LoRA params."""
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets or DEFAULT_TARGETS,
-                                init_lora_weights=True))
-    return lora_params(unet)
+    return add_adapter(unet, "default", rank, alpha, targets)
 
 
 def add_adapter(unet, name: str, rank: int, alpha: float, targets: list[str] | None = None) -> dict[str, torch.Tensor]:

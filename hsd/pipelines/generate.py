@@ -14,7 +14,6 @@ import argparse
 import inspect
 import json
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -81,12 +80,12 @@ def load_generator(model: str | Path, lora: list[tuple[str | Path, float]] = (),
                    device: str = "cpu") -> ImageGenerator:
     """A model folder, optional LoRAs fused at their weights, an optional replacement UNet, and a recipe."""
     import torch
+
     from ..models.components import load_components, pipeline
     if scheduler not in SCHEDULERS or dtype not in DTYPES:
         raise GenerateError(f"scheduler must be one of {SCHEDULERS} and dtype one of {DTYPES}, "
                             f"not {scheduler!r} and {dtype!r}")
-    with _quiet_loading():
-        components = load_components(model)
+    components = load_components(model)  # without transformers' per-encoder bars: ours is one bar over images
     if unet:
         components.unet = _load_unet(Path(unet), components)
     pipe = pipeline(components)
@@ -105,19 +104,6 @@ def load_generator(model: str | Path, lora: list[tuple[str | Path, float]] = (),
     sources = dict(model=str(model), lora=[dict(path=str(p), weight=float(w)) for p, w in lora],
                    unet=str(unet) if unet else None, dtype=dtype, hsd_version=version("hsd"))
     return ImageGenerator(pipe, scheduler, eta, sources)
-
-
-@contextmanager
-def _quiet_loading():
-    """No per-component "Loading weights" bars from transformers: the command shows one bar over its images."""
-    from transformers.utils import logging as hf_logging
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 def _lcm_start_is_intended(record) -> bool:
@@ -141,6 +127,7 @@ def _load_unet(path: Path, components):
     one-step UNet)."""
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
+
     from ..models.components import ModelError, family_of
     if not path.exists():
         raise ModelError(f"UNet not found: {path} (expected a diffusers UNet folder with config.json, "
@@ -178,6 +165,7 @@ def _check_lora_fits(unet, path: Path, family: str) -> None:
     size mismatch, then blame the key layout). A file hsd's reader does not take (text-encoder modules, other
     layouts) is left to diffusers, whose error names the layouts it expects."""
     import torch
+
     from ..models.components import ModelError
     from ..models.lora_formats import LoraFormatError, read_lora
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import HsdError, MissingFileError
+from ..errors import HsdError, MissingFileError, MissingPackageError
 
 SOLO_CONFIG = "solo/solo_r50_fpn_1x_coco.py"
 MEAN = (123.675, 116.28, 103.53)     # RGB order, on a 0-255 scale (the config's data_preprocessor)
@@ -29,7 +29,7 @@ def _mmdet():
         import mmdet
         from mmdet.utils import register_all_modules
     except ImportError as e:
-        raise ImportError(f"the instance loss needs mmdet 3.3 and mmcv 2.1 ({e}); "
+        raise MissingPackageError(f"the instance loss needs mmdet 3.3 and mmcv 2.1 ({e}); "
                           f"install them with: bash scripts/install_mmdet.sh") from e
     register_all_modules()
     return mmdet
@@ -37,8 +37,8 @@ def _mmdet():
 
 def build_solo(num_classes: int = 80):
     """SOLO R50-FPN from the config inside the mmdet package, with random weights (no backbone download)."""
-    from mmengine.config import Config
     from mmdet.registry import MODELS
+    from mmengine.config import Config
     mmdet = _mmdet()
     cfg = Config.fromfile(str(Path(mmdet.__file__).parent / ".mim" / "configs" / SOLO_CONFIG))
     cfg.model.backbone.init_cfg = None
@@ -86,10 +86,11 @@ class InstanceLoss(nn.Module):
         self.model = model
 
     def forward(self, pixels: torch.Tensor, instances: list[dict]) -> torch.Tensor:
-        from hsd.scorers.images import check_unit
         from mmdet.structures import DetDataSample
         from mmdet.structures.mask import BitmapMasks
         from mmengine.structures import InstanceData
+
+        from hsd.scorers.images import check_unit
         check_unit(pixels)
         h, w = pixels.shape[-2:]
         if h % 32 or w % 32:

@@ -51,10 +51,16 @@ from hsd.errors import ConfigError, MissingFileError
 
 from . import ScorerWeightsError
 from .heads import ScoreHead
+from .imagereward_weights import (
+    MED_CONFIG,
+    imagereward_official_shapes,
+    med_config_for,
+    random_imagereward_state_dict,
+    synthetic_bert_vocab,
+    synthetic_image,
+    write_bert_vocab,
+)
 from .images import normalize
-from .imagereward_weights import (MED_CONFIG, imagereward_official_shapes, med_config_for,
-                                  random_imagereward_state_dict, synthetic_bert_vocab, synthetic_image,
-                                  write_bert_vocab)
 
 __all__ = ["ImageRewardScorer", "load_imagereward", "imagereward_key_map", "random_imagereward_state_dict",
            "imagereward_official_shapes", "med_config_for", "MED_CONFIG", "write_bert_vocab",

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from torchvision.utils import make_grid
 
-from ..data.batch import EpochLoader, IndexedBatches, batches_done, rank_of
+from ..data.batch import EpochLoader, IndexedBatches, RawBatch, batches_done, rank_of
 from ..diffusion.schedule import NoiseSchedule
 from ..errors import ConfigError
 from ..lab.evaluate import LabEvaluator, save_grid, write_table
@@ -42,7 +42,7 @@ class LabData(L.LightningDataModule):
         self.world, self.emb, self.empty = world, prompt_emb, empty_emb
         self.batch_size, self.steps, self.seed = batch_size, steps, seed
 
-    def make_batch(self, index: int) -> dict:
+    def make_batch(self, index: int) -> RawBatch:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         labels = torch.randint(self.world.n_classes, (self.batch_size,), generator=g)
         return {"x0": self.world.sample(labels, g).float(), "labels": labels, "cond": self.emb[labels],
@@ -51,7 +51,7 @@ class LabData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # Called after a checkpoint is restored: start at the first batch not yet trained on.
         batches = IndexedBatches(self.make_batch, batches_done(self.trainer), self.steps, *rank_of(self.trainer))
-        return EpochLoader(batches, batch_size=None)
+        return EpochLoader(batches)
 
 
 class LabReward(nn.Module):

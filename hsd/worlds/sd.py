@@ -1,5 +1,6 @@
 """SD1.5 / SDXL from the user's local weights: image-text data from shards or a folder, the frozen VAE and text
-encoders, the eval package's scorers as rewards, SOLO's instance loss, and a report of the LoRA files made."""
+encoders, hsd.scorers' scorers as rewards (the modules the eval package scores with), SOLO's instance loss, and a
+report of the LoRA files made."""
 from __future__ import annotations
 
 from pathlib import Path
