@@ -62,7 +62,9 @@ def main() -> None:
     comps = build_components(args.arch)
     world = args.arch.split("-")[-1]
     model = comps.save_pretrained(work / "model")
-    cfg = load_config([], [f"world={world}", f"model.path={model}", "data.folder=unused",
+    (work / "images").mkdir()  # the world opens its data source when it is made; the stages here draw none
+    Image.new("RGB", (64, 64)).save(work / "images" / "0.png")
+    cfg = load_config([], [f"world={world}", f"model.path={model}", f"data.folder={work / 'images'}",
                            f"model.resolution={args.resolution}", *fixtures(work, args.scorers_size),
                            "feedback.rewards={Aes: {margin: 10.0}, ImageReward: {margin: 3.0}}",
                            f"model.frozen_dtype={args.frozen_dtype}", f"trainer.precision={args.precision}",

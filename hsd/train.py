@@ -229,20 +229,34 @@ def _plain(value):
 
 
 def refuse_changed_settings(plan: list[Stage]) -> None:
-    """A stage that already has an artefact or a checkpoint must not be reused or resumed under other settings."""
+    """A stage that already has an artefact or a checkpoint must not be reused or resumed under other settings.
+
+    Resuming may lengthen or shorten the stage itself (its batches are drawn by index, so the first ones do not
+    depend on how many follow); reusing a finished artefact may change how the batches are split over devices."""
     for stage in plan:
         saved, finished = stage.folder / "settings.yaml", stage.artefact.exists()
         if not saved.exists() or not (finished or last_checkpoint(stage.folder)):
             continue
-        before = yaml.safe_load(saved.read_text()) or {}
+        before, now = yaml.safe_load(saved.read_text()) or {}, stage.settings
+        if not finished:
+            before, now = _without_length(before, stage.kind), _without_length(now, stage.kind)
         # a key of only one side is a field a newer or older hsd has and this one lacks: not held against the run
-        changed = sorted(k for k in before.keys() & stage.settings.keys() if before[k] != stage.settings[k]
+        changed = sorted(k for k in before.keys() & now.keys() if before[k] != now[k]
                          and not (finished and k.startswith(RESUME_ONLY)))
         if changed:
-            diffs = "; ".join(f"{k}: {_short(before[k])} -> {_short(stage.settings[k])}" for k in changed[:3])
+            diffs = "; ".join(f"{k}: {_short(before[k])} -> {_short(now[k])}" for k in changed[:3])
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
             raise ConfigError(f"{stage.folder.parent} already holds stage '{stage.name}' trained with other settings "
                               f"({diffs}{more}); use another name= or out_dir=, or restore those settings")
+
+
+def _without_length(settings: dict, kind: str) -> dict:
+    """The settings without the stage's own number of iterations."""
+    out = {k: v for k, v in settings.items() if k not in (f"{kind}.iterations", "tscd.iteration_scale")}
+    if kind == "tscd" and settings.get("tscd.stages"):
+        out["tscd.stages"] = [*settings["tscd.stages"][:-1], {k: v for k, v in settings["tscd.stages"][-1].items()
+                                                              if k != "iterations"}]
+    return out
 
 
 def _short(value, width: int = 60) -> str:

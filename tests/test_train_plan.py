@@ -46,3 +46,30 @@ def test_rerun_reuses_under_cosmetic_changes_and_refuses_changed_settings(tmp_pa
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1
     assert err.startswith("hsd: error: ") and "stage 'tscd k=2'" in err and "tscd.lr: 0.001 -> 0.01" in err
+
+
+def test_an_unfinished_stage_may_resume_longer_but_not_otherwise_changed(tmp_path):
+    import yaml
+
+    from hsd.config import ConfigError
+    from hsd.train import Stage, refuse_changed_settings
+
+    def stage(*over):
+        cfg = load_config([], ["tscd.stages=[{k: 8, iterations: 2}, {k: 4, iterations: 2}]", *over])
+        return Stage(kind="tscd", name="tscd k=4", folder=tmp_path / "stage1_k4",
+                     artefact=tmp_path / "lora.safetensors",
+                     slot=1, updates=2, batch_size=4, settings=shaping_settings(cfg, "tscd", 1), build=None,
+                     save=None)
+
+    (tmp_path / "stage1_k4" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "stage1_k4" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (tmp_path / "stage1_k4" / "settings.yaml").write_text(yaml.safe_dump(stage().settings))
+    refuse_changed_settings([stage("tscd.stages.1.iterations=9")])  # resumed to run longer
+    with pytest.raises(ConfigError, match="trainer.devices: 1 -> 2"):  # its batches would be split otherwise
+        refuse_changed_settings([stage("trainer.devices=2")])
+    with pytest.raises(ConfigError, match="tscd.stages: .*'iterations': 2"):  # an earlier stage's length
+        refuse_changed_settings([stage("tscd.stages.0.iterations=9")])
+    (tmp_path / "lora.safetensors").write_bytes(b"")  # finished: its length is part of what it is
+    with pytest.raises(ConfigError, match="already holds stage 'tscd k=4'"):
+        refuse_changed_settings([stage("tscd.stages.1.iterations=9")])
+    refuse_changed_settings([stage("trainer.devices=2")])  # a finished LoRA is reused on any number of devices

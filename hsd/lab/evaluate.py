@@ -98,29 +98,3 @@ def write_table(rows: list[Row], out: Path, title: str = "") -> str:
             wr.writerow([r.model, r.steps, r.scheduler, *[r.values[c] for c in COLUMNS]])
     return md
 
-
-def save_grid(samples: list[torch.Tensor], path: Path, labels: list[str] | None = None, per_row: int = 8) -> None:
-    """One row per table row: the first `per_row` samples (2 of each class), upscaled for viewing, with the row's
-    label (model, steps, scheduler) to its left."""
-    from PIL import Image, ImageDraw, ImageFont
-    from torchvision.utils import make_grid
-    picks = []
-    for x in samples:
-        n = x.shape[0] // 4
-        idx = torch.cat([torch.arange(c * n, c * n + per_row // 4) for c in range(4)])
-        picks.append(x[idx])
-    grid = torch.cat(picks).clamp(-1, 1) * 0.5 + 0.5
-    grid = torch.nn.functional.interpolate(grid, scale_factor=4, mode="nearest")
-    pixels = make_grid(grid, nrow=per_row, padding=2, pad_value=1.0).mul(255).round().byte().permute(1, 2, 0)
-    image = Image.fromarray(pixels.numpy())
-    if labels:
-        font = ImageFont.load_default(size=14)
-        width = max(int(font.getlength(text)) for text in labels) + 12
-        canvas = Image.new("RGB", (width + image.width, image.height), "white")
-        canvas.paste(image, (width, 0))
-        draw, row = ImageDraw.Draw(canvas), (image.height - 2) / len(labels)
-        for i, text in enumerate(labels):
-            draw.text((6, 2 + row * (i + 0.5)), text, fill="black", font=font, anchor="lm")
-        image = canvas
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")

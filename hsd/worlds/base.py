@@ -47,8 +47,28 @@ class World(Protocol):
         """The run's report (markdown), written into `out`."""
 
 
-def log_image(trainer, tag: str, grid) -> None:
-    """A sample grid to the run's logger, where the logger takes images (TensorBoard, W&B)."""
+def labelled_grid(images, labels: list[str], nrow: int, scale: int = 1):
+    """(N, 3, H, W) images in [0, 1] as a PIL grid of `nrow` per row, each row's label to its left."""
+    import torch
+    from PIL import Image, ImageDraw, ImageFont
+    from torchvision.utils import make_grid
+    images = torch.nn.functional.interpolate(images.float(), scale_factor=scale, mode="nearest")
+    pixels = make_grid(images, nrow=nrow, padding=2, pad_value=1.0).mul(255).round().byte().permute(1, 2, 0)
+    grid = Image.fromarray(pixels.cpu().numpy())
+    font = ImageFont.load_default(size=14)
+    width = max(int(font.getlength(text)) for text in labels) + 12
+    canvas = Image.new("RGB", (width + grid.width, grid.height), "white")
+    canvas.paste(grid, (width, 0))
+    draw, row = ImageDraw.Draw(canvas), (grid.height - 2) / len(labels)
+    for i, text in enumerate(labels):
+        draw.text((6, 2 + row * (i + 0.5)), text, fill="black", font=font, anchor="lm")
+    return canvas
+
+
+def log_image(trainer, tag: str, images, labels: list[str], nrow: int, scale: int = 1) -> None:
+    """A labelled sample grid to the run's logger, where the logger takes images (TensorBoard)."""
     experiment = getattr(trainer.logger, "experiment", None)
     if hasattr(experiment, "add_image"):
+        from torchvision.transforms.functional import pil_to_tensor
+        grid = pil_to_tensor(labelled_grid(images, labels, nrow, scale))
         experiment.add_image(tag, grid, trainer.global_step)

@@ -12,17 +12,17 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from torchvision.utils import make_grid
 
 from ..data.batch import EpochLoader, IndexedBatches, RawBatch, batches_done, rank_of
 from ..diffusion.schedule import NoiseSchedule
 from ..errors import ConfigError
-from ..lab.evaluate import LabEvaluator, save_grid, write_table
+from ..io import atomic_path
+from ..lab.evaluate import LabEvaluator, write_table
 from ..lab.teacher import DEFAULT_TEACHER, load_teacher
 from ..lab.world import LabWorld
 from ..models.adapters import FEEDBACK, TSCD
 from ..rewards.feedback import FeedbackLoss
-from .base import log_image
+from .base import labelled_grid, log_image
 
 if TYPE_CHECKING:
     from ..config import Run
@@ -73,8 +73,10 @@ class LabSamples(L.Callback):
 
     def on_train_end(self, trainer, module):
         _, x = self.evaluator.row("student", module.unet, self.steps, "ddim")
-        grid = make_grid(x[:: max(1, x.shape[0] // 32)][:32].clamp(-1, 1) * 0.5 + 0.5, nrow=8)
-        log_image(trainer, f"samples/k{module.stage.k}_{self.steps}step", grid)
+        world, per = self.evaluator.world, self.evaluator.cfg.eval_per_class
+        picks = torch.cat([x[c * per:c * per + 8] for c in range(world.n_classes)])  # a row of 8 per prompt
+        log_image(trainer, f"samples/k{module.stage.k}_{self.steps}step", picks.clamp(-1, 1) * 0.5 + 0.5,
+                  world.prompts, nrow=8, scale=4)
 
 
 class Lab:
@@ -147,6 +149,18 @@ def lab_table(cfg: Run, ev: LabEvaluator, adapters: Adapters, made: Artefacts, o
     save_grid(samples, out / "samples.png", [f"{r.model}, {r.steps} step{'s' * (r.steps > 1)}, {r.scheduler}"
                                              for r in rows])
     return md
+
+
+def save_grid(samples: list[Tensor], path: Path, labels: list[str], per_row: int = 8) -> None:
+    """One row per table row: the first `per_row` samples (2 of each class), upscaled for viewing, with the row's
+    label (model, steps, scheduler) to its left."""
+    picks = []
+    for x in samples:
+        n = x.shape[0] // 4
+        picks.append(x[torch.cat([torch.arange(c * n, c * n + per_row // 4) for c in range(4)])])
+    image = labelled_grid(torch.cat(picks).clamp(-1, 1) * 0.5 + 0.5, labels, per_row, scale=4)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def add_dmd_rows(cfg: Run, ev: LabEvaluator, adapters: Adapters, path: Path, add, baseline: bool = True) -> None:

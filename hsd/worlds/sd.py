@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
-from torchvision.utils import make_grid
 
 from ..diffusion.schedule import NoiseSchedule
 from ..errors import ConfigError
@@ -44,7 +43,7 @@ class SDSamples(L.Callback):
         with torch.no_grad(), torch.autocast(module.device.type, dtype=module.unet.dtype, enabled=half):
             x = pipe(self.captions, num_inference_steps=self.steps, guidance_scale=0.0, height=self.res,
                      width=self.res, output_type="pt", generator=torch.Generator().manual_seed(0)).images
-        log_image(trainer, f"samples/k{module.stage.k}_{self.steps}step", make_grid(x.float().cpu(), nrow=4))
+        log_image(trainer, f"samples/k{module.stage.k}_{self.steps}step", x.float().cpu(), self.captions, nrow=1)
 
 
 class SD:
@@ -60,7 +59,8 @@ class SD:
         self.components = c = load_components(m.path, m.vae, m.config)
         check_family(c, cfg.world, m.path)
         frozen = getattr(torch, m.frozen_dtype)
-        self.unet = c.unet.to(frozen)
+        # a dtype cast, even to float32, makes diffusers warn about "modules kept in float32: []"
+        self.unet = c.unet.to(frozen) if frozen != torch.float32 else c.unet
         for enc in c.text_encoders:
             enc.to(frozen)
         if m.gradient_checkpointing:
