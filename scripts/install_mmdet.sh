@@ -4,8 +4,9 @@
 # until its setup.py asks for C++20 instead of C++14/17; so this script patches that one flag, builds the wheel
 # against the installed torch (about 12 min on 2 idle cores) and caches it, keyed by mmcv, torch and Python:
 #
-#   bash scripts/install_mmdet.sh            # build once (or reuse .cache/wheels/...), then install
-#   HSD_WHEEL_CACHE=/shared/wheels bash scripts/install_mmdet.sh   # share the cache between checkouts / CI
+#   bash scripts/install_mmdet.sh            # build once (or reuse ~/.cache/hsd/wheels/...), then install
+#   HSD_WHEEL_CACHE=/shared/wheels bash scripts/install_mmdet.sh   # another cache folder (e.g. shared by machines)
+# The default cache is per user, not per checkout, so every clone on a machine (CI's too) reuses one build.
 #
 # Needs setuptools<81 in .venv (pkg_resources; setup.sh pins it) and a C++ compiler. CPU ops only: on a GPU,
 # set FORCE_CUDA=1 to build mmcv's CUDA kernels (the cache key then says cuda).
@@ -18,7 +19,7 @@ PIP=(quiet .venv/bin/pip install -q)
 MMCV=2.1.0
 KEY=$($PY -c 'import sys, torch; print("torch%s-py%d%d" % (torch.__version__.split("+")[0], *sys.version_info[:2]))')
 [ "${FORCE_CUDA:-0}" = 1 ] && KEY="$KEY-cuda"
-CACHE="${HSD_WHEEL_CACHE:-.cache/wheels}/mmcv-$MMCV-$KEY"
+CACHE="${HSD_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/hsd/wheels}/mmcv-$MMCV-$KEY"
 mkdir -p "$CACHE"
 if ! ls "$CACHE"/mmcv-$MMCV-*.whl >/dev/null 2>&1; then
   echo "building mmcv $MMCV against $KEY (cached afterwards in $CACHE)"
