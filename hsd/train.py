@@ -50,7 +50,7 @@ class Stage:
     slot: int
     updates: int                                    # optimizer updates (batches, before accumulation)
     batch_size: int
-    settings: dict                                  # the flattened config keys that shape it
+    settings: dict                                  # the config keys that shape it (shaping_settings)
     build: Callable[[int], StageModule]             # batch seed -> the module
     save: Callable[[L.Trainer, StageModule], None]  # write the artefact (rank 0)
     reuse: Callable[[], None] = lambda: None        # load the artefact instead of training
@@ -70,6 +70,7 @@ def run(cfg: Run) -> str:
     save_config(cfg, out / "config.yaml")
     for stage in plan:
         run_stage(cfg, world, adapters, stage)
+    # the plan begins with the TSCD stages, in their order
     made = Artefacts(tscd=[(s.k, stage.artefact) for s, stage in zip(cfg.tscd.stages, plan)],
                      **{stage.kind: stage.artefact for stage in plan if stage.kind != "tscd"})
     return world.report(made, out, adapters)

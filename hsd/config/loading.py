@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
+from ..io import atomic_path
 from .rules import FieldError
 from .schema import Run
 from .validate import validate
@@ -62,8 +63,8 @@ def _forget(origins: dict[str, str], key: str) -> dict[str, str]:
 
 
 def save_config(run: Run, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
+    with atomic_path(path) as tmp:  # a run folder never holds a torn config.yaml
+        Path(tmp).write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
 
 
 def _yaml_chain(path: Path, named_by: _Layer | None = None) -> list[_Layer]:
