@@ -38,7 +38,7 @@ class Lora:
 @dataclass
 class Adversarial:
     """The discriminator used where a stage's w_adv > 0 (frozen teacher-encoder features + light heads)."""
-    loss: str = "hinge"        # hinge | ns (non-saturating)
+    loss: str = field(default="hinge", metadata=one_of("hinge", "ns"))  # ns: non-saturating
     lr: float = field(default=1e-4, metadata=gt(0))
     hidden: int = field(default=64, metadata=ge(1))             # channels of each head
     renoise_max: float = field(default=0.5, metadata=within(0, 1))  # both samples are re-noised from t_end to
@@ -57,15 +57,16 @@ class TSCD:
     ema_decay: float = field(default=0.95, metadata=within(0, 1, hi_open=True))
     guidance_min: float = field(default=2.5, metadata=ge(0))  # w = 1 + omega ~ U[guidance_min, guidance_max]
     guidance_max: float = field(default=3.5, metadata=ge(0))  # (Eq. 3)
-    loss: str = "mse"          # mse | huber
+    loss: str = field(default="mse", metadata=one_of("mse", "huber"))
     huber_c: float = field(default=0.001, metadata=gt(0))
     offset_noise: float = field(default=0.0, metadata=ge(0))  # noise perturbation: eps += offset_noise * N(0, 1)
     #                                                          per sample and channel
-    t_end: str = "uniform"     # uniform: t_end ~ U[t_b, t_prev] (TSCD); boundary: t_end = t_b (CD when k = 1)
+    # uniform: t_end ~ U[t_b, t_prev] (TSCD); boundary: t_end = t_b (CD when k = 1)
+    t_end: str = field(default="uniform", metadata=one_of("uniform", "boundary"))
     accumulate: int = field(default=1, metadata=ge(1))  # micro-batches per optimizer step (effective batch =
     #                                                     batch_size * accumulate * GPUs)
     grad_clip: float = field(default=0.0, metadata=ge(0))  # max gradient norm of the LoRA (0: off)
-    optimizer: str = "adamw"   # adamw | adamw8bit (bitsandbytes)
+    optimizer: str = field(default="adamw", metadata=one_of("adamw", "adamw8bit"))  # adamw8bit: bitsandbytes
     adv: Adversarial = field(default_factory=Adversarial)
 
 
@@ -137,8 +138,10 @@ class Model:
     path: str = ""             # diffusers folder (model_index.json) or a single-file .safetensors
     config: str = ""           # for a single file: a diffusers folder with the configs and tokenizers
     vae: str = ""              # optional replacement VAE folder (e.g. an fp16-fixed SDXL VAE)
-    vae_dtype: str = "float32"  # the SDXL VAE overflows in half precision: keep float32 unless fixed
-    frozen_dtype: str = "float32"  # dtype of the frozen UNet/text weights (bfloat16 halves their memory)
+    # the SDXL VAE overflows in half precision: keep float32 unless fixed
+    vae_dtype: str = field(default="float32", metadata=one_of(*DTYPES))
+    # dtype of the frozen UNet/text weights (bfloat16 halves their memory)
+    frozen_dtype: str = field(default="float32", metadata=one_of(*DTYPES))
     lora_init: str = ""        # start from this LoRA file (e.g. a released Hyper-SD LoRA) instead of zeros
     gradient_checkpointing: bool = False
     resolution: int = field(default=512, metadata=ge(1))
@@ -159,7 +162,7 @@ class Trainer:
     accelerator: str = "cpu"
     devices: int = field(default=1, metadata=ge(1))
     num_nodes: int = field(default=1, metadata=ge(1))
-    strategy: str = "auto"     # auto | ddp | fsdp
+    strategy: str = field(default="auto", metadata=one_of("auto", "ddp", "fsdp"))
     precision: str = field(default="32-true", metadata=one_of(*PRECISIONS))  # 32-true | bf16-mixed | bf16-true |
     #                                                                          16-mixed
     log_every: int = field(default=25, metadata=ge(1))

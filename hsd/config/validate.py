@@ -3,16 +3,12 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .rules import FieldError, check_fields
-from .schema import DMD, DTYPES, Run, T
+from .schema import DMD, Run, T
 
 
 def validate(run: Run) -> None:
     check_fields(run)
     t = run.tscd
-    if t.loss not in ("mse", "huber"):
-        raise ConfigError(f"tscd.loss must be 'mse' or 'huber', got {t.loss!r}")
-    if t.t_end not in ("uniform", "boundary"):
-        raise ConfigError(f"tscd.t_end must be 'uniform' or 'boundary', got {t.t_end!r}")
     if not t.stages and not (run.feedback.iterations or run.dmd.iterations):
         raise ConfigError("tscd.stages is empty and feedback.iterations = dmd.iterations = 0: nothing to train")
     for i, s in enumerate(t.stages):
@@ -23,15 +19,6 @@ def validate(run: Run) -> None:
     if not t.guidance_min <= t.guidance_max:
         raise FieldError("tscd.guidance_min", f"tscd.guidance_min must not exceed tscd.guidance_max, got "
                                               f"{t.guidance_min:g} > {t.guidance_max:g}")
-    if t.adv.loss not in ("hinge", "ns"):
-        raise ConfigError(f"tscd.adv.loss must be 'hinge' or 'ns', got {t.adv.loss!r}")
-    if t.optimizer not in ("adamw", "adamw8bit"):
-        raise ConfigError(f"tscd.optimizer must be 'adamw' or 'adamw8bit', got {t.optimizer!r}")
-    if run.trainer.strategy not in ("auto", "ddp", "fsdp"):
-        raise ConfigError(f"trainer.strategy must be auto, ddp or fsdp, got {run.trainer.strategy!r}")
-    for key in ("vae_dtype", "frozen_dtype"):
-        if getattr(run.model, key) not in DTYPES:
-            raise ConfigError(f"model.{key} must be one of {', '.join(DTYPES)}, got {getattr(run.model, key)!r}")
     if run.model.frozen_dtype != "float32" and "mixed" not in run.trainer.precision:
         raise ConfigError(f"model.frozen_dtype={run.model.frozen_dtype} needs autocast: set trainer.precision to "
                           f"bf16-mixed or 16-mixed (got {run.trainer.precision!r})")
