@@ -1,6 +1,6 @@
 """`hsd`: the one entry point.
 
-train | generate | eval | lora | lab | lab-teacher | ablate | random-model | random-scorers.
+train | generate | eval | lora | lab | lab-teacher | lab-worlds | ablate | random-model | random-scorers.
 
 A user error (hsd.errors.HsdError: a bad config key or value, a missing or foreign file) prints one line,
 `hsd: error: <message>`, and exits with status 2; `hsd --debug ...` or HSD_DEBUG=1 shows its traceback.
@@ -32,10 +32,15 @@ def cmd_lab(args) -> None:
 
 
 def cmd_lab_teacher(args) -> None:
-    from .lab.teacher import DEFAULT_TEACHER, fit_teacher, save_teacher
-    from .lab.world import LabWorld
-    teacher = fit_teacher(LabWorld(), steps=args.steps, batch=args.batch, seed=args.seed)
-    print(f"saved the lab teacher to {save_teacher(teacher, args.out or DEFAULT_TEACHER)}")
+    from .lab.teacher import fit_teacher, save_teacher, teacher_path
+    from .lab.world import WORLD_BUILDERS
+    teacher = fit_teacher(WORLD_BUILDERS[args.world](), steps=args.steps, batch=args.batch, seed=args.seed)
+    print(f"saved the lab teacher to {save_teacher(teacher, args.out or teacher_path(args.world))}")
+
+
+def cmd_lab_worlds(args) -> None:
+    from .lab.headroom import worlds_table
+    print(worlds_table(args.guidance))
 
 
 def cmd_ablate(args) -> None:
@@ -63,11 +68,15 @@ def main(argv: list[str] | None = None) -> None:
     lab.add_argument("items", nargs="*", metavar="key=value")
     lab.set_defaults(fn=cmd_lab)
     lt = sub.add_parser("lab-teacher", help="fit the lab teacher UNet to the exact eps and save it")
-    lt.add_argument("--out", default=None, help="folder (default: the one shipped in hsd/lab/teacher)")
+    lt.add_argument("--world", default="digits", choices=["digits", "blocks"], help="the lab world to fit")
+    lt.add_argument("--out", default=None, help="folder (default: the world's shipped one, hsd/lab/teachers/WORLD)")
     lt.add_argument("--steps", type=int, default=4000)
     lt.add_argument("--batch", type=int, default=128)
     lt.add_argument("--seed", type=int, default=0)
     lt.set_defaults(fn=cmd_lab_teacher)
+    lw = sub.add_parser("lab-worlds", help="list the lab worlds with their headroom (exact-score few-step error)")
+    lw.add_argument("--guidance", type=float, default=3.0, help="CFG scale of the sampler and the exact ODE")
+    lw.set_defaults(fn=cmd_lab_worlds)
     ab = sub.add_parser("ablate", help="run configs over seeds and compare their final students")
     ab.add_argument("items", nargs="+", metavar="CONFIG|key=value")
     ab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

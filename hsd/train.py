@@ -181,7 +181,8 @@ def _save_lora(cfg: Run, trainer: L.Trainer, adapters: Adapters, name: str, path
 COSMETIC = ("name", "out_dir", "trainer.accelerator", "trainer.strategy", "trainer.progress_bar", "trainer.log_every",
             "trainer.ckpt_every", "trainer.logger", "data.num_workers", "data.sample_prompts",
             "model.gradient_checkpointing", "feedback.merge_weights")
-REPORT_ONLY = "lab."  # the lab's evaluation settings; lab.teacher, the model itself, does shape every stage
+REPORT_ONLY = "lab."  # the lab's evaluation settings; lab.world and lab.teacher, the model, shape every stage
+SHAPING_LAB = ("lab.world", "lab.teacher")
 # How an unfinished stage's batches are split: they matter to resuming it, not to reusing a finished artefact.
 RESUME_ONLY = ("trainer.devices", "trainer.num_nodes", "trainer.precision")
 # What DMD takes from the feedback section when dmd.w_feedback > 0: the losses, not the feedback stage's training.
@@ -196,7 +197,7 @@ def shaping_settings(cfg: Run, kind: str, index: int = 0) -> dict:
     keep = {}
     for key, value in _flatten(cfg).items():
         section = key.split(".")[0]
-        if key.startswith(COSMETIC) or (key.startswith(REPORT_ONLY) and key != "lab.teacher"):
+        if key.startswith(COSMETIC) or (key.startswith(REPORT_ONLY) and key not in SHAPING_LAB):
             continue
         if section == "feedback" and not (kind == "feedback" or (kind == "dmd" and cfg.dmd.w_feedback
                                                                  and key.startswith(FEEDBACK_LOSS))):

@@ -3,18 +3,19 @@ import torch
 
 from hsd.config import load_config
 from hsd.diffusion.schedule import NoiseSchedule
-from hsd.lab.teacher import load_teacher
-from hsd.lab.world import LabWorld
+from hsd.lab.teacher import load_teacher, teacher_path
+from hsd.lab.world import blocks_world
 
 
 @pytest.fixture(scope="session")
 def world():
-    return LabWorld()
+    """The blocks (smoke) world: its teacher is the fast one the training tests use."""
+    return blocks_world()
 
 
 @pytest.fixture
 def teacher():
-    return load_teacher()
+    return load_teacher(teacher_path("blocks"))
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from hsd.diffusion.schedule import NoiseSchedule
 from hsd.diffusion.solvers import ddim_step
 from hsd.lab.ode import exact_ode
 from hsd.lab.teacher import lab_scheduler
-from hsd.lab.world import metrics
+from hsd.lab.metrics import metrics
 
 
 def _log_pt(world, x, a, s, labels):
@@ -49,12 +49,12 @@ def test_metrics_on_data_and_on_blur(world):
     g = torch.Generator().manual_seed(2)
     labels = torch.arange(4).repeat_interleave(32)
     x = world.sample(labels, g)
-    m = metrics(world, x, labels, x)
-    # Data: perfect alignment and coverage, fidelity = -0.5 log(2 pi sigma^2) - 0.5 up to sampling noise.
+    m = metrics(world, x, labels, references={"traj_err": x})
+    # Data: perfect alignment and coverage, loglik = -0.5 log(2 pi sigma^2) - 0.5 up to sampling noise.
     assert m["alignment"] == 1.0 and m["coverage"] == 1.0 and m["traj_err"] == 0.0
-    assert abs(m["fidelity"] - (-0.5 * math.log(2 * math.pi * 0.01) - 0.5)) < 0.02
+    assert abs(m["loglik"] - (-0.5 * math.log(2 * math.pi * 0.01) - 0.5)) < 0.02
     blur = world.means[labels].mean(1)  # the average of a class's modes: what 1-step DDIM makes
-    assert metrics(world, blur, labels)["fidelity"] < -4
+    assert metrics(world, blur, labels)["loglik"] < -4
 
 
 def test_class_log_prob_is_the_lab_reward(world):

@@ -70,7 +70,7 @@ def test_cli_reports_bad_key_and_missing_teacher(tmp_path):
 def test_lab_metrics_score_mode_centres_as_aligned(world):
     import torch
 
-    from hsd.lab.world import metrics as lab_metrics
+    from hsd.lab.metrics import metrics as lab_metrics
     labels = torch.arange(4)
     assert lab_metrics(world, world.means[labels, 0], labels)["alignment"] == 1.0
 

@@ -124,8 +124,10 @@ class DMD:
 
 @dataclass
 class Lab:
-    teacher: str = ""          # diffusers folder of the fitted lab teacher; "" = the one shipped in hsd/lab
-    eval_per_class: int = field(default=64, metadata=ge(1))
+    world: str = field(default="digits", metadata=one_of("digits", "blocks"))  # the shipped world and its fitted
+    #                            teacher: digits (headroom, the default) | blocks (the fast smoke world)
+    teacher: str = ""          # or a fitted teacher folder (`hsd lab-teacher --out`; it carries its own world)
+    eval_per_class: int = field(default=32, metadata=ge(2))  # samples per class in the table (2: the 3-NN recall)
     eval_guidance: float = field(default=3.0, metadata=ge(0))
     teacher_steps: int = field(default=25, metadata=within(1, T))
     student_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8], metadata=within(1, T))

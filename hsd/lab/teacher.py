@@ -23,8 +23,14 @@ from ..errors import MissingFileError
 from ..io import atomic_dir
 from .world import LabWorld
 
-DEFAULT_TEACHER = Path(__file__).parent / "teacher"
+TEACHERS = Path(__file__).parent / "teachers"  # one shipped teacher folder per named world
+DEFAULT_WORLD = "digits"
 MAKE_COMMAND = "hsd lab-teacher"
+
+
+def teacher_path(world: str = DEFAULT_WORLD) -> Path:
+    """The shipped teacher folder of a named world."""
+    return TEACHERS / world
 CHARS = "abcdefghijklmnopqrstuvwxyz"
 MAX_LEN = 16
 
@@ -40,9 +46,9 @@ def lab_scheduler() -> DDIMScheduler:
                          num_train_timesteps=1000)
 
 
-def build_unet(size: int = 8) -> UNet2DConditionModel:
+def build_unet(size: int = 8, channels: int = 3) -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=size, in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+        sample_size=size, in_channels=channels, out_channels=channels, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
@@ -77,6 +83,7 @@ class Teacher:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: DDIMScheduler
+    world: LabWorld
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> torch.Tensor:
@@ -86,23 +93,26 @@ class Teacher:
         return self.text_encoder(ids).last_hidden_state
 
 
-def load_teacher(path: str | os.PathLike = DEFAULT_TEACHER) -> Teacher:
-    path = Path(path)
-    if not (path / "unet" / "config.json").exists():
-        raise MissingTeacherError(f"lab teacher not found at {path}; make it with `{MAKE_COMMAND}`"
-                                  f" (or `{MAKE_COMMAND} --out {path}`)")
+def load_teacher(path: str | os.PathLike | None = None) -> Teacher:
+    """A fitted teacher folder (default: the shipped one of the default world) and the world it was fitted to."""
+    path = Path(path) if path is not None else teacher_path()
+    if not (path / "unet" / "config.json").exists() or not (path / "world.safetensors").exists():
+        raise MissingTeacherError(f"lab teacher not found at {path} (it needs unet/ and world.safetensors); make "
+                                  f"it with `{MAKE_COMMAND} --world NAME --out {path}`")
     hf_logging.disable_progress_bar()  # a "Loading weights" bar for a 36-tensor text encoder is noise
     return Teacher(UNet2DConditionModel.from_pretrained(path / "unet").eval(),
                    CLIPTextModel.from_pretrained(path / "text_encoder").eval(),
                    CLIPTokenizer.from_pretrained(path / "tokenizer"),
-                   DDIMScheduler.from_pretrained(path / "scheduler"))
+                   DDIMScheduler.from_pretrained(path / "scheduler"),
+                   LabWorld.load(path / "world.safetensors"))
 
 
 def fit_teacher(world: LabWorld, steps: int = 4000, batch: int = 128, lr: float = 2e-3, seed: int = 0,
                 uncond_prob: float = 0.2, log_every: int = 100) -> Teacher:
     """Regress the UNet onto the exact eps (conditional, or unconditional for dropped prompts)."""
     tok = build_tokenizer()
-    teacher = Teacher(build_unet(world.size), build_text_encoder(len(tok)), tok, lab_scheduler())
+    teacher = Teacher(build_unet(world.size, world.shape[0]), build_text_encoder(len(tok)), tok, lab_scheduler(),
+                      world)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     emb = teacher.encode(world.prompts + [""])  # [C + 1, L, 32]; the last row is the empty prompt
@@ -138,4 +148,5 @@ def save_teacher(teacher: Teacher, path: str | os.PathLike) -> Path:
         teacher.text_encoder.save_pretrained(tmp / "text_encoder")
         teacher.tokenizer.save_pretrained(tmp / "tokenizer")
         teacher.scheduler.save_pretrained(tmp / "scheduler")
+        teacher.world.save(tmp / "world.safetensors")
     return Path(path)

@@ -18,7 +18,8 @@ from ..diffusion.schedule import NoiseSchedule
 from ..errors import ConfigError
 from ..io import atomic_path
 from ..lab.evaluate import LabEvaluator, write_table
-from ..lab.teacher import DEFAULT_TEACHER, load_teacher
+from ..lab.plots import save_plot
+from ..lab.teacher import load_teacher, teacher_path
 from ..lab.world import LabWorld
 from ..models.adapters import FEEDBACK, TSCD
 from ..rewards.feedback import FeedbackLoss
@@ -84,8 +85,8 @@ class Lab:
 
     def __init__(self, cfg: Run):
         self.cfg = cfg
-        teacher = load_teacher(cfg.lab.teacher or DEFAULT_TEACHER)
-        self.world = LabWorld(size=teacher.unet.config.sample_size)
+        teacher = load_teacher(cfg.lab.teacher or teacher_path(cfg.lab.world))
+        self.world = teacher.world
         self.unet, self.encoder = teacher.unet, None
         self.schedule = NoiseSchedule.from_scheduler(teacher.scheduler)
         self.emb = teacher.encode(self.world.prompts + [""])
@@ -115,25 +116,34 @@ class Lab:
 
 
 def lab_table(cfg: Run, ev: LabEvaluator, adapters: Adapters, made: Artefacts, out: Path) -> str:
-    """Teacher rows, each TSCD stage, then (when trained) the TSCD + feedback merges at weights (1, w) and
-    the DMD generator."""
-    rows, samples, loras, unet = [], [], made.tscd, adapters.unet
+    """The paper's protocol: the exact reference rows; the teacher (CFG, deterministic DDIM) at every student step
+    count and at its many-step count; each TSCD stage's LoRA at its own k steps (DDIM trailing, as the released
+    N-step LoRAs are used); the final k = 1 LoRA at every student step count with DDIM and with TCD; then, when
+    trained, the TSCD + feedback merges at weights (1, w) and the DMD generator."""
+    rows, samples, loras, unet, lab = [], [], made.tscd, adapters.unet, cfg.lab
 
     def add(result):
         rows.append(result[0])
         samples.append(result[1])
 
+    for result in ev.reference_rows():
+        add(result)
     with adapters.off():
-        add(ev.row("Teacher", unet, cfg.lab.teacher_steps, "ddim", guided=True))
-        for n in cfg.lab.student_steps:
+        many = ev.row("Teacher", unet, lab.teacher_steps, "ddim", guided=True)
+        ev.teacher_reference = many[1]  # traj_teacher of every row from here on
+        many[0].values["traj_teacher"] = 0.0
+        for n in sorted(set(lab.student_steps) - {lab.teacher_steps}):
             add(ev.row("Teacher", unet, n, "ddim", guided=True))
+        add(many)
     with adapters.scope([TSCD]):
         for k, path in loras:
             adapters.load(path)
             add(ev.row(f"TSCD stage k={k}", unet, k, "ddim"))
         if loras and loras[-1][0] == 1:
-            for n in cfg.lab.student_steps:
-                add(ev.row("TSCD final (k=1)", unet, n, "tcd"))
+            for kind in ("ddim", "tcd"):
+                for n in lab.student_steps:
+                    if not (kind == "ddim" and n == 1):  # that is the k = 1 stage row above
+                        add(ev.row("TSCD final (k=1)", unet, n, kind))
         # Rows built on the pre-DMD LoRA need it in the UNet: a TSCD file reloaded above, or a LoRA DMD left alone.
         pre_dmd = bool(loras) or made.dmd is None or cfg.dmd.generator == "full"
         if made.feedback is not None and pre_dmd:
@@ -144,21 +154,25 @@ def lab_table(cfg: Run, ev: LabEvaluator, adapters: Adapters, made: Artefacts, o
                     add(ev.row(f"TSCD + feedback, weights (1, {w:g})", merged, n, "tcd"))
         if made.dmd is not None:
             add_dmd_rows(cfg, ev, adapters, made.dmd, add, baseline=pre_dmd)
-    md = write_table(rows, out, f"{cfg.name}: lab world, exact metrics ({len(ev.labels)} samples, "
-                                f"reference ODE at CFG {cfg.lab.eval_guidance:g})")
-    save_grid(samples, out / "samples.png", [f"{r.model}, {r.steps} step{'s' * (r.steps > 1)}, {r.scheduler}"
-                                             for r in rows])
+    title = (f"{cfg.name}: lab world '{ev.world.name}', {len(ev.labels)} samples, reference ODE at CFG "
+             f"{lab.eval_guidance:g}")
+    md = write_table(rows, out, title)
+    save_grid(samples, out / "samples.png", ev.world.n_classes,
+              [f"{r.model}{f', {r.steps} step' + 's' * (r.steps > 1) if r.steps else ''}, {r.scheduler}"
+               for r in rows])
+    save_plot(rows, out / "metrics.png", title)
     return md
 
 
-def save_grid(samples: list[Tensor], path: Path, labels: list[str], per_row: int = 8) -> None:
-    """One row per table row: the first `per_row` samples (2 of each class), upscaled for viewing, with the row's
-    label (model, steps, scheduler) to its left."""
+def save_grid(samples: list[Tensor], path: Path, n_classes: int, labels: list[str]) -> None:
+    """One row per table row: the first sample or two of each class (samples are class-major), upscaled for
+    viewing, with the row's label (model, steps, sampler) to its left."""
+    per_class = max(1, 8 // n_classes)
     picks = []
     for x in samples:
-        n = x.shape[0] // 4
-        picks.append(x[torch.cat([torch.arange(c * n, c * n + per_row // 4) for c in range(4)])])
-    image = labelled_grid(torch.cat(picks).clamp(-1, 1) * 0.5 + 0.5, labels, per_row, scale=4)
+        n = x.shape[0] // n_classes
+        picks.append(x[torch.cat([torch.arange(c * n, c * n + per_class) for c in range(n_classes)])])
+    image = labelled_grid(torch.cat(picks).clamp(-1, 1) * 0.5 + 0.5, labels, per_class * n_classes, scale=4)
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG")
 
