@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 from .config import load_config
+from .errors import MissingFileError
 from .lab.evaluate import COLUMNS, REFERENCE_MODELS
 from .train import run
 
@@ -79,14 +80,20 @@ def comparisons(results: dict[str, list[dict[Key, dict[str, float]]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def ablate(paths: list[str], seeds: list[int], overrides: list[str], out: Path) -> str:
+def ablate(paths: list[str], seeds: list[int], overrides: list[str], out: Path, summary_only: bool = False) -> str:
+    """Train (or reuse) every config at every seed as out/<config>_seed<S>, then summarise. `summary_only` reads
+    the tables already there (arms run as separate, parallel `hsd ablate` calls into one out folder)."""
     results: dict[str, list[dict]] = {}
     for p in paths:
         name = Path(p).stem
         for seed in seeds:
             cfg = load_config([p], [*overrides, f"seed={seed}", f"name={name}_seed{seed}", f"out_dir={out}"])
-            run(cfg)
-            results.setdefault(name, []).append(table_rows(out / cfg.name / "table.csv"))
+            table = out / cfg.name / "table.csv"
+            if summary_only and not table.exists():
+                raise MissingFileError(f"{table} not found: run `hsd ablate {p} --seeds {seed} --out {out}` first")
+            if not summary_only:
+                run(cfg)
+            results.setdefault(name, []).append(table_rows(table))
     md = summary(results, seeds) + "\n" + comparisons(results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.md").write_text(md)

@@ -46,7 +46,7 @@ def cmd_lab_worlds(args) -> None:
 def cmd_ablate(args) -> None:
     from .ablate import ablate
     paths, overrides = _split(args.items)
-    print(ablate(paths, args.seeds, overrides, Path(args.out)))
+    print(ablate(paths, args.seeds, overrides, Path(args.out), args.summary_only))
 
 
 def cmd_random_model(args) -> None:
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     ab.add_argument("items", nargs="+", metavar="CONFIG|key=value")
     ab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ab.add_argument("--out", default="runs/ablation")
+    ab.add_argument("--summary-only", action="store_true",
+                    help="only summarise the tables already in --out (arms run as separate calls)")
     ab.set_defaults(fn=cmd_ablate)
     rm = sub.add_parser("random-model", help="save random-weight components of an architecture (tests, benchmarks)")
     rm.add_argument("arch", help="sd15 | sdxl (the real architectures) | tiny-sd15 | tiny-sdxl")

@@ -152,7 +152,8 @@ def test_the_edges_of_each_range_are_accepted():
 
 def test_missing_lab_teacher(tmp_path, capsys):
     _fails(capsys, ["lab", "lab.teacher=/nope", f"out_dir={tmp_path}"],
-           "hsd: error: lab teacher not found at /nope; make it with `hsd lab-teacher`")
+           "hsd: error: lab teacher not found at /nope (it needs unet/ and world.safetensors); make it with "
+           "`hsd lab-teacher --world NAME --out /nope`")
 
 
 def test_junk_lora_for_lora_info(files, capsys):

@@ -6,7 +6,7 @@ import torch
 
 from hsd.config import ConfigError, load_config
 from hsd.diffusion.schedule import NoiseSchedule, eps_to_x0
-from hsd.lab.teacher import load_teacher
+from hsd.lab.teacher import load_teacher, teacher_path
 from hsd.lit.dmd import DMDModule
 from hsd.lit.feedback import FeedbackModule
 from hsd.lit.trainer import make_trainer
@@ -21,7 +21,7 @@ FEEDBACK = ["feedback.rewards={lab: {margin: 1.3, weight: 1.0}}", "feedback.step
 
 def _unet(seed=0):
     """The lab teacher with a non-zero "default" (TSCD) LoRA."""
-    teacher = load_teacher()
+    teacher = load_teacher(teacher_path("blocks"))
     L.seed_everything(seed, verbose=False)
     lio.attach_lora(teacher.unet, 4, 4)
     with torch.no_grad():

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 from hsd.config import load_config
 from hsd.diffusion.segments import ddim_grid, sample_times
 from hsd.diffusion.solvers import ddim_step
-from hsd.lab.teacher import MissingTeacherError, load_teacher
+from hsd.lab.teacher import MissingTeacherError, load_teacher, teacher_path
 from hsd.lit.trainer import make_trainer
 from hsd.lit.tscd import TSCDModule
 from hsd.losses.consistency import tscd_loss
@@ -85,7 +85,7 @@ def _losses(trainer_fn):
 def test_resume_reproduces_uninterrupted_losses(world, tmp_path, accumulate):
     """7 updates (of `accumulate` micro-batches each) uninterrupted == 3 updates, stop, resume to 7."""
     def run(out, updates, ckpt=None, rec=None):
-        teacher = load_teacher()
+        teacher = load_teacher(teacher_path("blocks"))
         from hsd.diffusion.schedule import NoiseSchedule
         from hsd.models.lora import attach_lora
         cfg = load_config([], ["tscd.stages=[{k: 2, grid_steps: 16, iterations: 7}]", "tscd.batch_size=8",

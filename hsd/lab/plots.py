@@ -11,10 +11,12 @@ PLOTTED = ["precision", "recall", "dispersion", "swd", "swd_ode", "mmd", "traj_e
 
 
 def series(rows: list[Row]) -> dict[str, list[Row]]:
-    """Lines to draw: one per (model, sampler); the stage-k LoRAs (each at its own k steps) as one line."""
+    """Lines to draw: one per (model, sampler); the stage-k LoRAs (each at its own k steps) as one line; of the
+    feedback merges only the last weight (the table's largest)."""
     out: dict[str, list[Row]] = {}
+    merges = [r.model for r in rows if r.model.startswith("TSCD + feedback")]
     for r in rows:
-        if r.steps == 0:
+        if r.steps == 0 or (r.model in merges and r.model != merges[-1]):
             continue
         key = "TSCD stage k at k steps, DDIM" if r.model.startswith("TSCD stage") else f"{r.model}, {r.scheduler}"
         out.setdefault(key, []).append(r)
