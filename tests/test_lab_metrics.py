@@ -4,12 +4,14 @@ import csv
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from hsd.ablate import comparisons, table_rows
+from hsd.lab.evaluate import sample
 from hsd.lab.headroom import exact_ddim, headroom
 from hsd.lab.metrics import DISTRIBUTIONAL, Truth, beats, knn_recall, metrics, mmd2, sliced_w2
 from hsd.lab.ode import exact_ode
-from hsd.lab.teacher import DEFAULT_WORLD, lab_scheduler, teacher_path
+from hsd.lab.teacher import DEFAULT_WORLD, lab_scheduler, load_teacher, teacher_path
 from hsd.lab.world import WORLD_BUILDERS, LabWorld
 
 
@@ -28,8 +30,8 @@ def test_default_world_has_headroom(worlds):
 
 @pytest.mark.parametrize("name", list(WORLD_BUILDERS))
 def test_collapse_and_blur_cannot_win(worlds, name):
-    """Exact data samples beat mode-mean collapse and the exact-score 1-step blur on every distributional metric
-    (log-likelihood, for contrast, prefers collapse)."""
+    """Exact data samples beat mode-mean collapse, the exact-score 1-step blur and the shipped teacher's own 1-step
+    DDIM on every distributional metric (log-likelihood, for contrast, prefers collapse)."""
     world = worlds[name]
     labels = torch.arange(world.n_classes).repeat_interleave(32)
     truth = Truth.measure(world, labels)
@@ -40,11 +42,15 @@ def test_collapse_and_blur_cannot_win(worlds, name):
     data = world.sample(labels, g)
     collapse = world.means[labels, torch.randint(world.n_modes, labels.shape, generator=g)]
     blur = exact_ddim(world, x_T, labels, 3.0, 1)
+    teacher = load_teacher(teacher_path(name))
+    emb = teacher.encode(world.prompts + [""])
+    teacher_blur = sample(teacher.unet, DDIMScheduler.from_config(teacher.scheduler.config), x_T.float(), emb[labels],
+                          emb[-1:].expand(len(labels), -1, -1), 3.0, 1)
     m = {k: metrics(world, x, labels, truth, refs) for k, x in [("data", data), ("collapse", collapse),
-                                                                 ("blur", blur)]}
+                                                                 ("blur", blur), ("teacher", teacher_blur)]}
     for metric in DISTRIBUTIONAL:
-        assert beats(metric, m["data"][metric], m["collapse"][metric]), (metric, m)
-        assert beats(metric, m["data"][metric], m["blur"][metric]), (metric, m)
+        for failure in ("collapse", "blur", "teacher"):
+            assert beats(metric, m["data"][metric], m[failure][metric]), (metric, failure, m)
     assert m["collapse"]["loglik"] > m["data"]["loglik"]  # why log-likelihood is no quality score alone
     assert 0.95 <= m["data"]["precision"] and abs(m["data"]["dispersion"] - 1) < 0.05
 

@@ -4,9 +4,9 @@ import torch
 
 from hsd.diffusion.schedule import NoiseSchedule
 from hsd.diffusion.solvers import ddim_step
+from hsd.lab.metrics import metrics
 from hsd.lab.ode import exact_ode
 from hsd.lab.teacher import lab_scheduler
-from hsd.lab.metrics import metrics
 
 
 def _log_pt(world, x, a, s, labels):
