@@ -141,6 +141,7 @@ LEGEND = """
 Prec/Recall: typical-set precision and 3-NN recall against exact data; Disp: nearest-mode spread over the true
 spread (1 = right, 0 = collapse); SWD data / ODE: sliced W2 to exact data / to the exact guided ODE from the same
 noise; MMD²: unbiased, to exact data; Traj ODE / teacher: MSE per dimension to the exact ODE endpoint / to the
-teacher's own many-step solve from the same noise (deterministic samplers only). The two "exact" rows are each
-estimate's floor. *Log-lik is maximised by collapse onto mode centres: read it beside Disp and Prec.
+teacher's own many-step solve from the same noise (deterministic samplers only). The two "exact" rows are what a
+perfect sampler from independent noise scores (each estimate's sampling floor); SWD ODE of a deterministic sampler
+from the same noise can go below it, to 0 at the exact ODE. *Log-lik is maximised by collapse onto mode centres.
 """

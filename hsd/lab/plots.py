@@ -25,11 +25,10 @@ def series(rows: list[Row]) -> dict[str, list[Row]]:
 
 def save_plot(rows: list[Row], path: Path, title: str = "") -> None:
     """A PNG grid of panels, one per metric (steps on a log axis; dashed: the exact reference rows)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch inside a user's notebook
     heads = {c: h for c, h, _ in COLUMNS}
-    fig, axes = plt.subplots(2, 5, figsize=(22, 8.5))
+    fig = Figure(figsize=(22, 8.5))
+    axes = fig.subplots(2, 5)
     lines = series(rows)
     for ax, metric in zip(axes.flat, PLOTTED):
         for i, (name, pts) in enumerate(lines.items()):
@@ -56,4 +55,3 @@ def save_plot(rows: list[Row], path: Path, title: str = "") -> None:
     fig.tight_layout(rect=(0, 0.12, 1, 0.97))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
