@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     lw.set_defaults(fn=cmd_lab_worlds)
     ab = sub.add_parser("ablate", help="run configs over seeds and compare their final students")
     ab.add_argument("items", nargs="+", metavar="CONFIG|key=value")
-    ab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ab.add_argument("--out", default="runs/ablation")
     ab.add_argument("--summary-only", action="store_true",
                     help="only summarise the tables already in --out (arms run as separate calls)")

@@ -26,13 +26,13 @@ from .world import LabWorld
 TEACHERS = Path(__file__).parent / "teachers"  # one shipped teacher folder per named world
 DEFAULT_WORLD = "digits"
 MAKE_COMMAND = "hsd lab-teacher"
+CHARS = "abcdefghijklmnopqrstuvwxyz"
+MAX_LEN = 16
 
 
 def teacher_path(world: str = DEFAULT_WORLD) -> Path:
     """The shipped teacher folder of a named world."""
     return TEACHERS / world
-CHARS = "abcdefghijklmnopqrstuvwxyz"
-MAX_LEN = 16
 
 
 class MissingTeacherError(MissingFileError):
