@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..diffusion.schedule import NoiseSchedule
+from ..diffusion.solvers import ddim_step
 from .ode import exact_ode
 from .teacher import lab_scheduler
 from .world import WORLD_BUILDERS, LabWorld
@@ -19,14 +21,13 @@ def exact_ddim(world: LabWorld, x_T: torch.Tensor, labels: torch.Tensor, w: floa
     """DDIM trailing with the exact CFG eps (the lab's diffusers schedule, final alpha-bar 1)."""
     sch = lab_scheduler()
     sch.set_timesteps(steps)
-    ab = sch.alphas_cumprod.double()
-    ts = sch.timesteps.tolist()
+    schedule = NoiseSchedule.from_scheduler(sch)
+    ts = [*sch.timesteps.tolist(), -1]  # -1: the final, clean alpha-bar
     x = x_T.double()
-    for i, t in enumerate(ts):
-        a, s = ab[t].sqrt(), (1 - ab[t]).sqrt()
-        eps = world.cfg_eps(x, a, s, labels, w)
-        ab_next = ab[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0, dtype=torch.float64)
-        x = ab_next.sqrt() * (x - s * eps) / a + (1 - ab_next).sqrt() * eps
+    for t, s in zip(ts[:-1], ts[1:]):
+        a, sigma = (c.flatten() for c in schedule.coeffs(torch.full((len(x),), t), x))
+        x = ddim_step(schedule, x, world.cfg_eps(x, a, sigma, labels, w), torch.full((len(x),), t),
+                      torch.full((len(x),), s))
     return x
 
 

@@ -21,6 +21,7 @@ the table's "Data" and "Exact ODE" rows):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -128,7 +129,6 @@ def metrics(world: LabWorld, x: Tensor, labels: Tensor, truth: Truth | None = No
 
 def beats(metric: str, a: float, b: float) -> bool:
     """Whether value a is better than value b on `metric` (dispersion: nearer 1 on a log scale)."""
-    import math
     if BETTER[metric] == "max":
         return a > b
     if BETTER[metric] == "min":
