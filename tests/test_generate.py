@@ -148,6 +148,26 @@ def test_seeds_do_not_depend_on_the_batch(model):
     assert not np.array_equal(_pixels(together[:1]), _pixels(gen.generate(["a"], 4, [10])))
 
 
+def test_negative_prompt_acts_with_cfg(model, tmp_path):
+    gen = load_generator(model.folder, lora=[(model.lora, 1.0)], scheduler="tcd")
+
+    def image(guidance, negative=None):
+        return gen.generate(["a red cube", "a blue ball"], 2, [3, 4], guidance, negative_prompt=negative)
+    with_cfg, negative = image(5.0), image(5.0, "blurry, low quality")
+    assert not np.array_equal(_pixels(with_cfg), _pixels(negative))
+    assert [im.info["hsd"]["negative_prompt"] for im in negative + with_cfg] == ["blurry, low quality"] * 2 + [None] * 2
+    assert np.array_equal(_pixels(image(0.0)), _pixels(image(0.0, "blurry, low quality")))    # no CFG, no effect
+
+    from hsd.cli import main
+    main(["generate", "--model", str(model.folder), "--lora", str(model.lora), "--scheduler", "tcd", "--steps", "2",
+          "--prompt", "a red cube", "a blue ball", "--seed", "3", "--guidance", "5", "--negative-prompt",
+          "blurry, low quality", "--out", str(tmp_path)])
+    written = Image.open(tmp_path / "p0000_seed3_steps2.png")
+    meta = json.loads(written.text["hsd"])
+    assert written.text["negative_prompt"] == meta["negative_prompt"] == "blurry, low quality"
+    assert np.array_equal(np.asarray(written, dtype=np.float64), _pixels(negative[:1])[0])
+
+
 def test_errors_name_their_cause(models, tmp_path):
     sd15, sdxl = models["tiny-sd15"], models["tiny-sdxl"]
     with pytest.raises(ModelError, match="nowhere"):

@@ -5,6 +5,8 @@ The recipes are the Hyper-SD README's (schedulers built from the model's own sch
   tcd      the unified 1-8 step LoRA: TCD with eta (1.0 at one step; lower keeps more detail over more steps).
   lcm      the one-step UNet (--unet): LCM at timestep 800, the timestep it was trained at.
   default  the model's scheduler, untouched.
+Any recipe also runs under a ControlNet (--controlnet, --control-image): diffusers' ControlNet pipeline built over
+the same loaded modules, the LoRAs already fused into its UNet.
 torch and diffusers are imported inside the functions: the main CLI builds this parser on every call,
 and `hsd --help` should not pay seconds of imports.
 """
@@ -14,6 +16,7 @@ import argparse
 import inspect
 import json
 import math
+import sys
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -34,6 +37,11 @@ LORA_LAYOUTS = ("safetensors in the diffusers layout ('unet.<module>.lora_A.weig
 
 FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 OTHER_ARCH = "the LoRA was trained for another architecture (e.g. an SD1.5 LoRA on an SDXL model)"
+CONTROLNET_FOLDER = "a diffusers ControlNetModel folder with config.json and diffusion_pytorch_model.safetensors"
+IMAGE_FILE = "an image file PIL can read: PNG, JPEG, WebP..."
+# The UNet settings a ControlNet must share: its residuals are added to the UNet's, block by block, and it reads
+# the same text conditioning (SDXL: also the pooled text + size embeddings, addition_embed_type "text_time").
+CONTROLNET_MATCHES = ("cross_attention_dim", "addition_embed_type", "block_out_channels", "layers_per_block")
 
 
 class GenerateError(HsdError, ValueError):
@@ -42,33 +50,61 @@ class GenerateError(HsdError, ValueError):
 
 @dataclass
 class ImageGenerator:
-    pipe: object          # diffusers StableDiffusion(XL)Pipeline: LoRAs fused, recipe scheduler set
+    pipe: object          # diffusers StableDiffusion(XL)(ControlNet)Pipeline: LoRAs fused, recipe scheduler set
     scheduler: str        # recipe name, one of SCHEDULERS
     eta: float | None     # None when the scheduler takes no eta (LCM)
-    sources: dict         # model, lora, unet, dtype, hsd_version: recorded in every image's metadata
+    sources: dict         # model, lora, unet, controlnet, dtype, hsd_version: recorded in every image's metadata
 
     @property
     def native_size(self) -> int:
         return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
 
     def generate(self, prompts: list[str], steps: int, seeds: list[int], guidance: float = 0.0,
-                 height: int | None = None, width: int | None = None, batch_size: int = 4) -> list[Image.Image]:
-        """One image per (prompt, seed); each carries its settings in `image.info["hsd"]` for `save_png`."""
+                 height: int | None = None, width: int | None = None, batch_size: int = 4,
+                 negative_prompt: str | None = None, control_image: str | Path | Image.Image | None = None,
+                 control_scale: float = 1.0) -> list[Image.Image]:
+        """One image per (prompt, seed); each carries its settings in `image.info["hsd"]` for `save_png`.
+
+        `negative_prompt` (one for all images) acts only at guidance > 1. `control_image` (a file or a PIL image)
+        is required by, and only taken by, a generator loaded with a ControlNet."""
         if len(prompts) != len(seeds):
             raise GenerateError(f"{len(prompts)} prompts but {len(seeds)} seeds: one seed per image")
         size = (height or self.native_size, width or self.native_size)
+        control, meta = self._control(control_image, control_scale, size)
+        meta["negative_prompt"] = negative_prompt
         return [image for i in range(0, len(prompts), batch_size)
-                for image in self._batch(prompts[i:i + batch_size], seeds[i:i + batch_size], steps, guidance, size)]
+                for image in self._batch(prompts[i:i + batch_size], seeds[i:i + batch_size], steps, guidance, size,
+                                         negative_prompt, control, meta)]
 
-    def _batch(self, prompts, seeds, steps, guidance, size) -> list[Image.Image]:
+    def _control(self, image, scale, size) -> tuple[dict, dict]:
+        """The ControlNet's pipeline arguments and their metadata; both empty-valued without a ControlNet."""
+        if image is None and self.sources.get("controlnet"):
+            raise GenerateError(f"the ControlNet {self.sources['controlnet']} needs a control image "
+                                f"(control_image=, --control-image FILE), {IMAGE_FILE}")
+        if image is None:
+            return {}, dict(control_image=None, control_scale=None)
+        if not self.sources.get("controlnet"):
+            raise GenerateError("a control image needs a ControlNet: load the generator with controlnet=DIR "
+                                f"(--controlnet DIR), {CONTROLNET_FOLDER}")
+        image = read_control_image(image) if isinstance(image, (str, Path)) else image
+        path = image.info.get("path") or getattr(image, "filename", None) or None
+        # Resized here rather than by diffusers' processor: the ControlNet sees exactly the output size, whatever
+        # the file's size (stretched if its aspect differs), and the metadata describes what it saw.
+        image = image.convert("RGB").resize((size[1], size[0]), Image.Resampling.LANCZOS)
+        return (dict(image=image, controlnet_conditioning_scale=float(scale)),
+                dict(control_image=path, control_scale=float(scale)))
+
+    def _batch(self, prompts, seeds, steps, guidance, size, negative_prompt, control, meta) -> list[Image.Image]:
         import torch
         # One CPU generator per image: its noise depends on its seed alone, not on its batch or the device.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         timesteps = ONE_STEP_TIMESTEPS.get(self.scheduler) if steps == 1 else None
-        images = self.pipe(prompt=list(prompts), num_inference_steps=steps, timesteps=timesteps,
-                           guidance_scale=guidance, eta=self.eta or 0.0, generator=generators,
-                           height=size[0], width=size[1]).images
-        shared = dict(steps=steps, guidance=guidance, height=size[0], width=size[1], **self.sources,
+        # A list, one per prompt: diffusers refuses a str negative prompt beside a list of prompts.
+        negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
+        images = self.pipe(prompt=list(prompts), negative_prompt=negative, num_inference_steps=steps,
+                           timesteps=timesteps, guidance_scale=guidance, eta=self.eta or 0.0, generator=generators,
+                           height=size[0], width=size[1], **control).images
+        shared = dict(steps=steps, guidance=guidance, height=size[0], width=size[1], **self.sources, **meta,
                       scheduler=self.scheduler, eta=self.eta, timesteps=self.pipe.scheduler.timesteps.tolist())
         for image, prompt, seed in zip(images, prompts, seeds):
             image.info["hsd"] = dict(prompt=prompt, seed=seed, **shared)
@@ -77,8 +113,9 @@ class ImageGenerator:
 
 def load_generator(model: str | Path, lora: list[tuple[str | Path, float]] = (), unet: str | Path | None = None,
                    scheduler: str = "ddim", eta: float | None = None, dtype: str = "float32",
-                   device: str = "cpu") -> ImageGenerator:
-    """A model folder, optional LoRAs fused at their weights, an optional replacement UNet, and a recipe."""
+                   device: str = "cpu", controlnet: str | Path | None = None) -> ImageGenerator:
+    """A model folder, optional LoRAs fused at their weights, an optional replacement UNet, an optional
+    ControlNet folder (its generator then needs a control image), and a recipe."""
     import torch
 
     from ..models.components import load_components, pipeline
@@ -91,6 +128,8 @@ def load_generator(model: str | Path, lora: list[tuple[str | Path, float]] = (),
     pipe = pipeline(components)
     for i, (path, weight) in enumerate(lora):
         _fuse_lora(pipe, Path(path), weight, f"lora{i}", components.family)
+    if controlnet:
+        pipe = controlnet_pipeline(pipe, _load_controlnet(Path(controlnet), pipe, components.family))
     pipe.to(device)
     # Fused in float32, then cast: half precision rounds the merged weights once. Skipped for float32, the
     # loaded dtype, since any dtype cast makes diffusers 0.42 log a spurious "keep in float32" warning.
@@ -102,7 +141,8 @@ def load_generator(model: str | Path, lora: list[tuple[str | Path, float]] = (),
     takes_eta = "eta" in inspect.signature(pipe.scheduler.step).parameters
     eta = (DEFAULT_ETA.get(scheduler, 0.0) if eta is None else eta) if takes_eta else None
     sources = dict(model=str(model), lora=[dict(path=str(p), weight=float(w)) for p, w in lora],
-                   unet=str(unet) if unet else None, dtype=dtype, hsd_version=version("hsd"))
+                   unet=str(unet) if unet else None, controlnet=str(controlnet) if controlnet else None,
+                   dtype=dtype, hsd_version=version("hsd"))
     return ImageGenerator(pipe, scheduler, eta, sources)
 
 
@@ -141,6 +181,70 @@ def _load_unet(path: Path, components):
         raise ModelError(f"UNet {path} is {family_of(unet.config).upper()} but the model is "
                          f"{components.family.upper()}")
     return unet.eval()
+
+
+def controlnet_pipeline(pipe, controlnet):
+    """diffusers' ControlNet pipeline over a text-to-image pipeline's own modules (none reloaded or copied).
+    Built directly rather than with `from_pipe`, which casts every module and so logs diffusers' spurious
+    "keep in float32" warning."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+    cls = StableDiffusionXLControlNetPipeline if hasattr(pipe, "text_encoder_2") else StableDiffusionControlNetPipeline
+    takes = inspect.signature(cls.__init__).parameters
+    parts = {k: v for k, v in pipe.components.items() if k in takes}
+    if "requires_safety_checker" in takes:
+        parts["requires_safety_checker"] = False     # as the text-to-image pipeline: no safety checker is loaded
+    return cls(**parts, controlnet=controlnet)
+
+
+def _load_controlnet(path: Path, pipe, family: str):
+    """A diffusers ControlNetModel folder, refused before its weights load if it was made for another UNet."""
+    from diffusers import ControlNetModel
+
+    from ..models.components import ModelError
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        what = "not found" if not path.exists() else "is not a folder" if path.is_file() else "has no config.json"
+        raise ModelError(f"ControlNet {path} {what}: expected {CONTROLNET_FOLDER}")
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"ControlNet {path}: config.json is not JSON ({e}); expected {CONTROLNET_FOLDER}") from e
+    if "ControlNet" not in str(config.get("_class_name", "ControlNet")):
+        raise ModelError(f"ControlNet {path} holds a {config['_class_name']}, not a ControlNetModel: "
+                         f"expected {CONTROLNET_FOLDER}")
+    _check_controlnet_fits(config, pipe, path, family)
+    try:
+        return ControlNetModel.from_pretrained(path, local_files_only=True).eval()
+    except (OSError, ValueError, RuntimeError) as e:   # missing or truncated weights, shapes that do not fit
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ModelError(f"diffusers cannot load the ControlNet {path} ({type(e).__name__}: {first}); "
+                         f"expected {CONTROLNET_FOLDER}") from e
+
+
+def _check_controlnet_fits(config: dict, pipe, path: Path, family: str) -> None:
+    """Refuse a ControlNet made for another UNet (e.g. an SD1.5 ControlNet on an SDXL model), which would
+    otherwise fail mid-generation on a tensor shape."""
+    from ..models.components import ModelError, family_of
+    ours = pipe.unet.config
+    differ = [k for k in CONTROLNET_MATCHES if _plain(config.get(k)) != _plain(ours.get(k))]
+    if differ:
+        theirs = ", ".join(f"{k}={_plain(config.get(k))}" for k in differ)
+        needs = ", ".join(f"{k}={_plain(ours.get(k))}" for k in differ)
+        kind = family_of(config)
+        what = (f"an {FAMILY_NAMES[kind]} ControlNet" if kind != family
+                else f"a ControlNet for another {FAMILY_NAMES[family]} architecture")
+        raise ModelError(f"ControlNet {path} is {what} ({theirs}) but this {FAMILY_NAMES[family]} model's UNet "
+                         f"has {needs}: expected a ControlNet trained for this model")
+    # Each stride-2 conv of its image encoder halves the control image; it must land on the latent size.
+    channels = config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
+    if 2 ** (len(channels) - 1) != pipe.vae_scale_factor:
+        raise ModelError(f"ControlNet {path} downsamples its control image by {2 ** (len(channels) - 1)} but this "
+                         f"model's VAE by {pipe.vae_scale_factor}: expected a ControlNet trained for this model")
+
+
+def _plain(value):
+    """Config values compared as JSON reads them: tuples as lists."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _fuse_lora(pipe, path: Path, weight: float, name: str, family: str) -> None:
@@ -199,6 +303,22 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     return Path(path)
 
 
+def read_control_image(path: str | Path) -> Image.Image:
+    """RGB whatever the file's mode (edge maps are often grayscale, pose images RGBA); its path kept in
+    `info["path"]` for the metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise GenerateError(f"control image not found: {path}; expected {IMAGE_FILE}")
+    try:
+        with Image.open(path) as im:
+            image = im.convert("RGB")            # decodes the pixels: a truncated file fails here, not later
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise GenerateError(f"cannot read the control image {path} ({type(e).__name__}: {e}); "
+                            f"expected {IMAGE_FILE}") from e
+    image.info["path"] = str(path)
+    return image
+
+
 def read_prompts(path: Path) -> list[str]:
     """One prompt per non-blank line."""
     if not path.is_file():
@@ -213,7 +333,12 @@ def run_generate(args) -> list[Path]:
     """Every prompt x seed, once per step count; PNGs named by prompt index, seed and steps."""
     from tqdm import tqdm
     prompts = read_prompts(args.prompts) if args.prompts else args.prompt
-    gen = load_generator(args.model, args.lora, args.unet, args.scheduler, args.eta, args.dtype, args.device)
+    control_image = _control_args(args)      # before the models load: a bad image fails in a blink
+    if args.negative_prompt is not None and args.guidance <= 1:
+        print(f"note: --negative-prompt acts only with --guidance > 1, not {args.guidance}", file=sys.stderr)
+    gen = load_generator(args.model, args.lora, args.unet, args.scheduler, args.eta, args.dtype, args.device,
+                         args.controlnet)
+    scale = 1.0 if args.control_scale is None else args.control_scale
     jobs = [(i, prompt, args.seed + j) for i, prompt in enumerate(prompts) for j in range(args.n_per_prompt)]
     written = []
     with tqdm(total=len(jobs) * len(args.steps), unit="img", desc="generate") as bar:
@@ -221,11 +346,24 @@ def run_generate(args) -> list[Path]:
             for k in range(0, len(jobs), args.batch_size):
                 chunk = jobs[k:k + args.batch_size]
                 images = gen.generate([p for _, p, _ in chunk], steps, [s for _, _, s in chunk], args.guidance,
-                                      args.height, args.width, args.batch_size)
+                                      args.height, args.width, args.batch_size, args.negative_prompt,
+                                      control_image, scale)
                 for (i, _, seed), image in zip(chunk, images):
                     written.append(save_png(image, args.out / f"p{i:04d}_seed{seed}_steps{steps}.png"))
                 bar.update(len(chunk))
     return written
+
+
+def _control_args(args) -> Image.Image | None:
+    """--controlnet and --control-image come together (--control-scale only with them); the image, read."""
+    if args.control_image and not args.controlnet:
+        raise GenerateError(f"--control-image needs --controlnet DIR: {CONTROLNET_FOLDER}")
+    if args.controlnet and not args.control_image:
+        raise GenerateError(f"--controlnet needs --control-image FILE: the edge map, depth map or pose image that "
+                            f"guides the layout, as {IMAGE_FILE}")
+    if args.control_scale is not None and not args.controlnet:
+        raise GenerateError("--control-scale needs --controlnet DIR and --control-image FILE")
+    return read_control_image(args.control_image) if args.control_image else None
 
 
 def cmd_generate(args) -> None:
@@ -267,6 +405,15 @@ def add_generate_command(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--n-per-prompt", type=positive_int, default=1)
     g.add_argument("--batch-size", type=positive_int, default=4)
     g.add_argument("--guidance", type=float, default=0.0, help="CFG scale; <= 1 disables CFG, as the recipes do")
+    g.add_argument("--negative-prompt", metavar="TEXT",
+                   help="one negative prompt for all images; acts only with --guidance > 1 (the CFG-preserving "
+                        "LoRAs' use, at guidance 5-8)")
+    g.add_argument("--controlnet", metavar="DIR", help="ControlNet: a diffusers ControlNetModel folder of the "
+                                                      "model's family (SD1.5 or SDXL); needs --control-image")
+    g.add_argument("--control-image", type=Path, metavar="FILE",
+                   help="the ControlNet's image (edge map, depth, pose...), resized to the output size")
+    g.add_argument("--control-scale", type=float, metavar="SCALE",
+                   help="weight of the ControlNet's residuals (default 1; 0 leaves the model alone)")
     g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--device", default="cpu")
     g.add_argument("--height", type=int, help="default: the model's native size")
