@@ -12,7 +12,7 @@ from test_generate import _make_model, _pixels
 from hsd.cli import main
 from hsd.models.components import load_components, pipeline
 from hsd.pipelines import GenerateError, load_generator
-from hsd.pipelines.generate import controlnet_pipeline
+from hsd.pipelines.controlnet import controlnet_pipeline
 
 FAMILIES = ["tiny-sd15", "tiny-sdxl"]
 

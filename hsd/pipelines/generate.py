@@ -6,7 +6,7 @@ The recipes are the Hyper-SD README's (schedulers built from the model's own sch
   lcm      the one-step UNet (--unet): LCM at timestep 800, the timestep it was trained at.
   default  the model's scheduler, untouched.
 Any recipe also runs under a ControlNet (--controlnet, --control-image): diffusers' ControlNet pipeline built over
-the same loaded modules, the LoRAs already fused into its UNet.
+the same loaded modules, the LoRAs already fused into its UNet (hsd/pipelines/controlnet.py).
 torch and diffusers are imported inside the functions: the main CLI builds this parser on every call,
 and `hsd --help` should not pay seconds of imports.
 """
@@ -26,6 +26,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..errors import HsdError
 from ..io import atomic_path
+from .controlnet import CONTROLNET_FOLDER, FAMILY_NAMES, IMAGE_FILE
 
 SCHEDULERS = ("ddim", "tcd", "lcm", "default")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -35,13 +36,7 @@ LORA_LAYOUTS = ("safetensors in the diffusers layout ('unet.<module>.lora_A.weig
                 "or the kohya layout ('lora_unet_<module>.lora_down.weight')")
 
 
-FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 OTHER_ARCH = "the LoRA was trained for another architecture (e.g. an SD1.5 LoRA on an SDXL model)"
-CONTROLNET_FOLDER = "a diffusers ControlNetModel folder with config.json and diffusion_pytorch_model.safetensors"
-IMAGE_FILE = "an image file PIL can read: PNG, JPEG, WebP..."
-# The UNet settings a ControlNet must share: its residuals are added to the UNet's, block by block, and it reads
-# the same text conditioning (SDXL: also the pooled text + size embeddings, addition_embed_type "text_time").
-CONTROLNET_MATCHES = ("cross_attention_dim", "addition_embed_type", "block_out_channels", "layers_per_block")
 
 
 class GenerateError(HsdError, ValueError):
@@ -129,7 +124,8 @@ def load_generator(model: str | Path, lora: list[tuple[str | Path, float]] = (),
     for i, (path, weight) in enumerate(lora):
         _fuse_lora(pipe, Path(path), weight, f"lora{i}", components.family)
     if controlnet:
-        pipe = controlnet_pipeline(pipe, _load_controlnet(Path(controlnet), pipe, components.family))
+        from .controlnet import controlnet_pipeline, load_controlnet
+        pipe = controlnet_pipeline(pipe, load_controlnet(Path(controlnet), pipe, components.family))
     pipe.to(device)
     # Fused in float32, then cast: half precision rounds the merged weights once. Skipped for float32, the
     # loaded dtype, since any dtype cast makes diffusers 0.42 log a spurious "keep in float32" warning.
@@ -181,70 +177,6 @@ def _load_unet(path: Path, components):
         raise ModelError(f"UNet {path} is {family_of(unet.config).upper()} but the model is "
                          f"{components.family.upper()}")
     return unet.eval()
-
-
-def controlnet_pipeline(pipe, controlnet):
-    """diffusers' ControlNet pipeline over a text-to-image pipeline's own modules (none reloaded or copied).
-    Built directly rather than with `from_pipe`, which casts every module and so logs diffusers' spurious
-    "keep in float32" warning."""
-    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
-    cls = StableDiffusionXLControlNetPipeline if hasattr(pipe, "text_encoder_2") else StableDiffusionControlNetPipeline
-    takes = inspect.signature(cls.__init__).parameters
-    parts = {k: v for k, v in pipe.components.items() if k in takes}
-    if "requires_safety_checker" in takes:
-        parts["requires_safety_checker"] = False     # as the text-to-image pipeline: no safety checker is loaded
-    return cls(**parts, controlnet=controlnet)
-
-
-def _load_controlnet(path: Path, pipe, family: str):
-    """A diffusers ControlNetModel folder, refused before its weights load if it was made for another UNet."""
-    from diffusers import ControlNetModel
-
-    from ..models.components import ModelError
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        what = "not found" if not path.exists() else "is not a folder" if path.is_file() else "has no config.json"
-        raise ModelError(f"ControlNet {path} {what}: expected {CONTROLNET_FOLDER}")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelError(f"ControlNet {path}: config.json is not JSON ({e}); expected {CONTROLNET_FOLDER}") from e
-    if "ControlNet" not in str(config.get("_class_name", "ControlNet")):
-        raise ModelError(f"ControlNet {path} holds a {config['_class_name']}, not a ControlNetModel: "
-                         f"expected {CONTROLNET_FOLDER}")
-    _check_controlnet_fits(config, pipe, path, family)
-    try:
-        return ControlNetModel.from_pretrained(path, local_files_only=True).eval()
-    except (OSError, ValueError, RuntimeError) as e:   # missing or truncated weights, shapes that do not fit
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ModelError(f"diffusers cannot load the ControlNet {path} ({type(e).__name__}: {first}); "
-                         f"expected {CONTROLNET_FOLDER}") from e
-
-
-def _check_controlnet_fits(config: dict, pipe, path: Path, family: str) -> None:
-    """Refuse a ControlNet made for another UNet (e.g. an SD1.5 ControlNet on an SDXL model), which would
-    otherwise fail mid-generation on a tensor shape."""
-    from ..models.components import ModelError, family_of
-    ours = pipe.unet.config
-    differ = [k for k in CONTROLNET_MATCHES if _plain(config.get(k)) != _plain(ours.get(k))]
-    if differ:
-        theirs = ", ".join(f"{k}={_plain(config.get(k))}" for k in differ)
-        needs = ", ".join(f"{k}={_plain(ours.get(k))}" for k in differ)
-        kind = family_of(config)
-        what = (f"an {FAMILY_NAMES[kind]} ControlNet" if kind != family
-                else f"a ControlNet for another {FAMILY_NAMES[family]} architecture")
-        raise ModelError(f"ControlNet {path} is {what} ({theirs}) but this {FAMILY_NAMES[family]} model's UNet "
-                         f"has {needs}: expected a ControlNet trained for this model")
-    # Each stride-2 conv of its image encoder halves the control image; it must land on the latent size.
-    channels = config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
-    if 2 ** (len(channels) - 1) != pipe.vae_scale_factor:
-        raise ModelError(f"ControlNet {path} downsamples its control image by {2 ** (len(channels) - 1)} but this "
-                         f"model's VAE by {pipe.vae_scale_factor}: expected a ControlNet trained for this model")
-
-
-def _plain(value):
-    """Config values compared as JSON reads them: tuples as lists."""
-    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _fuse_lora(pipe, path: Path, weight: float, name: str, family: str) -> None:
