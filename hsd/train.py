@@ -19,11 +19,12 @@ import yaml
 from .config import save_config
 from .errors import ConfigError
 from .io import atomic_dir, atomic_path
+from .lit.consistency import ConsistencyPair
 from .lit.dmd import DMDModule
 from .lit.feedback import FeedbackModule
 from .lit.trainer import last_checkpoint, make_trainer
 from .lit.tscd import TSCDModule
-from .models.adapters import FAKE, FEEDBACK, TSCD, Adapters
+from .models.adapters import FAKE, FEEDBACK, PREVIOUS, TSCD, Adapters
 from .models.discriminator import FeatureDiscriminator, feature_channels
 from .worlds import Artefacts, build_world
 
@@ -112,19 +113,32 @@ def tscd_stages(cfg: Run, world: World, adapters: Adapters, out: Path, parts: di
     t = cfg.tscd
     disc = None  # one discriminator for every adversarial stage, drawn right after the LoRA
     if any(s.w_adv > 0 for s in t.stages):
-        disc = FeatureDiscriminator(feature_channels(adapters.unet), t.adv.hidden)
-    plan = []
+        disc = FeatureDiscriminator(feature_channels(adapters.unet, t.adv.up_features), t.adv.hidden,
+                                    t.adv.conditioned)
+    plan, previous = [], None
     for i, s in enumerate(t.stages):
         artefact = out / f"lora_stage{i}_k{s.k}.safetensors"
         meta = {"k": str(s.k), "stage": "tscd"}
+        distils = t.teacher == "previous" and previous is not None  # stage i-1's LoRA is the teacher
         plan.append(Stage(
             kind="tscd", name=f"tscd k={s.k}", folder=out / f"stage{i}_k{s.k}", artefact=artefact, slot=i,
             updates=max(1, round(s.iterations * t.iteration_scale)), batch_size=t.batch_size,
             settings=shaping_settings(cfg, "tscd", i),
-            build=lambda seed, s=s: TSCDModule(adapters.unet, world.schedule, s, t, seed=seed, disc=disc, **parts),
+            prepare=(lambda prev=previous: _load_previous(cfg, adapters, prev)) if distils else lambda: None,
+            build=lambda seed, s=s, d=distils: TSCDModule(adapters.unet, world.schedule, s, t, seed=seed, disc=disc,
+                                                          previous=d, **parts),
             save=lambda trainer, _, path=artefact, meta=meta: _save_lora(cfg, trainer, adapters, TSCD, path, meta),
             reuse=lambda path=artefact: adapters.load(path), callbacks=tuple(world.callbacks(s.k))))
+        previous = artefact
     return plan
+
+
+def _load_previous(cfg: Run, adapters: Adapters, path: Path) -> None:
+    """The previous stage's LoRA into its own frozen adapter (tscd.teacher = previous), attached once."""
+    if PREVIOUS not in adapters.names:
+        adapters.attach(PREVIOUS, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, init=path)  # shaped like it
+    else:
+        adapters.load(path, PREVIOUS)
 
 
 def feedback_stage(cfg: Run, world: World, adapters: Adapters, out: Path, parts: dict, feedback_loss) -> Stage:
@@ -155,8 +169,10 @@ def dmd_stage(cfg: Run, world: World, adapters: Adapters, out: Path, parts: dict
             adapters.attach(FAKE, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
         gen = adapters.fused({TSCD: 1.0}).float().requires_grad_(True) if d.generator == "full" else None
         fake = adapters.fused().float().requires_grad_(True) if d.fake == "full" else None
+        last = cfg.tscd.stages[-1] if cfg.tscd.stages else None  # validation: w_consistency needs a stage
+        pair = ConsistencyPair(world.schedule, last.k, last.grid_steps, cfg.tscd) if d.w_consistency else None
         return DMDModule(adapters.unet, world.schedule, d, feedback_loss() if d.w_feedback else None, seed=seed,
-                         generator_unet=gen, fake_unet=fake, **parts)
+                         generator_unet=gen, fake_unet=fake, consistency=pair, **parts)
 
     def save(trainer: L.Trainer, module: DMDModule) -> None:
         if d.generator == "lora":

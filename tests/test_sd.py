@@ -20,7 +20,7 @@ from hsd.lit.tscd import TSCDModule
 from hsd.losses.adversarial import d_loss, g_loss
 from hsd.models.components import ARCHS, ModelError, build_components, check_family, load_components
 from hsd.models.conditioning import LatentEncoder, TextConditioner
-from hsd.models.discriminator import FeatureDiscriminator, encoder_features, feature_channels
+from hsd.models.discriminator import FeatureDiscriminator, feature_channels, unet_features
 from hsd.models.lora import attach_lora, load_lora, lora_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,18 +101,26 @@ def test_sdxl_conditioning_matches_the_pipeline():
                                                                   cond["added_cond_kwargs"]["time_ids"])
 
 
-def test_encoder_features_stop_early_equals_full_forward_and_pass_gradient():
+@pytest.mark.parametrize("up", [False, True])
+def test_unet_features_stop_early_equals_full_forward_and_pass_gradient(up):
     c = build_components("tiny-sd15")
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     cond = {"encoder_hidden_states": torch.randn(2, 77, 32)}
     t = torch.tensor([10, 500])
-    early = encoder_features(c.unet, x, t, cond, stop=True)
-    full = encoder_features(c.unet, x, t, cond, stop=False)
-    assert [f.shape[1] for f in early] == feature_channels(c.unet)
+    early = unet_features(c.unet, x, t, cond, up=up, stop=True)
+    full = unet_features(c.unet, x, t, cond, up=up, stop=False)
+    assert [f.shape[1] for f in early] == feature_channels(c.unet, up)
+    assert len(early) == len(c.unet.down_blocks) + 1 + up * len(c.unet.up_blocks)
     assert all(torch.equal(a, b) for a, b in zip(early, full))
-    disc = FeatureDiscriminator(feature_channels(c.unet), 16)
-    g_loss(disc(early)).backward()
+    # conditioned on a start point (SDXL-Lightning): the heads see both; the logits change with the start point
+    start = [f.detach() for f in unet_features(c.unet, torch.randn(2, 4, 8, 8), t + 100, cond, up=up)]
+    disc = FeatureDiscriminator(feature_channels(c.unet, up), 16, conditioned=True)
+    g_loss(disc(early, start)).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+    other = [torch.randn_like(f) for f in start]
+    assert not torch.allclose(disc(early, start)[0], disc(early, other)[0])
+    with pytest.raises(ValueError, match="start point"):
+        disc(early)
 
 
 def test_adversarial_losses_closed_form():

@@ -42,7 +42,9 @@ class Adversarial:
     lr: float = field(default=1e-4, metadata=gt(0))
     hidden: int = field(default=64, metadata=ge(1))             # channels of each head
     renoise_max: float = field(default=0.5, metadata=within(0, 1))  # both samples are re-noised from t_end to
-    #                                                             t' ~ U[t_end, renoise_max * T]
+    #                                                             t' ~ U[t_end, renoise_max * T], each its own noise
+    up_features: bool = True    # heads on the up blocks too, not only down + mid (PCM reads the whole UNet)
+    conditioned: bool = True    # heads also see the start point x_tn's features (SDXL-Lightning's D(x_t, x_t', ...))
 
 
 @dataclass
@@ -67,6 +69,14 @@ class TSCD:
     #                                                     batch_size * accumulate * GPUs)
     grad_clip: float = field(default=0.0, metadata=ge(0))  # max gradient norm of the LoRA (0: off)
     optimizer: str = field(default="adamw", metadata=one_of("adamw", "adamw8bit"))  # adamw8bit: bitsandbytes
+    cfg_solver: bool = True    # the teacher's step applies CFG (Eq. 3). false: the conditional teacher alone, so
+    #                            the LoRA keeps CFG usable at inference (PCM's --not_apply_cfg_solver; CFG LoRAs)
+    empty_prompts: float = field(default=0.0, metadata=within(0, 1))  # fraction of samples trained on the empty
+    #                            prompt (PCM's --proportion_empty_prompts 0.15 with the CFG-preserving recipe)
+    teacher: str = field(default="base", metadata=one_of("base", "previous"))  # whose step stage i > 0 distils:
+    #                            the base model with CFG (Alg. 1), or stage i-1's LoRA (no CFG: it is folded in)
+    allow_misaligned_grid: bool = False  # train a stage whose k-step sampler queries timesteps off its grid
+    #                                     (grid_steps not a multiple of k): refused unless set, for ablations
     adv: Adversarial = field(default_factory=Adversarial)
 
 
@@ -120,6 +130,8 @@ class DMD:
     mse_steps: int = field(default=25, metadata=within(1, T))  # the teacher's DDIM steps (CFG = guidance) for it
     w_feedback: float = field(default=0.0, metadata=ge(0))  # weight of the feedback losses (feedback.rewards and
     #                                                          the instance loss)
+    w_consistency: float = field(default=0.0, metadata=ge(0))  # the last TSCD stage's consistency loss kept in the
+    #                            DMD stage (LoRA generator), so the unified LoRA stays consistent at 2-8 steps
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Rules that tie fields together, then the named world's own rules (hsd.worlds)."""
 from __future__ import annotations
 
+from ..diffusion.grid import off_grid
 from ..errors import ConfigError
 from .rules import FieldError, check_fields
 from .schema import DMD, Run, T
@@ -16,12 +17,21 @@ def validate(run: Run) -> None:
             key = f"tscd.stages.{i}.grid_steps"
             raise FieldError(key, f"{key} must be >= tscd.stages.{i}.k = {s.k} (each segment needs a teacher step), "
                                   f"got {s.grid_steps}")
+        missed = off_grid(T, s.k, s.grid_steps)
+        if missed and not t.allow_misaligned_grid:
+            key = f"tscd.stages.{i}.grid_steps"
+            raise FieldError(key, f"{key}={s.grid_steps} is not a multiple of k={s.k}: the {s.k}-step sampler's "
+                                  f"timesteps {', '.join(map(str, missed))} are not points of the training grid; "
+                                  f"use a multiple of every k (48 or 64 serve k = 8, 4, 2, 1), or set "
+                                  f"tscd.allow_misaligned_grid=true to train it anyway")
     if not t.guidance_min <= t.guidance_max:
         raise FieldError("tscd.guidance_min", f"tscd.guidance_min must not exceed tscd.guidance_max, got "
                                               f"{t.guidance_min:g} > {t.guidance_max:g}")
     if run.model.frozen_dtype != "float32" and "mixed" not in run.trainer.precision:
         raise ConfigError(f"model.frozen_dtype={run.model.frozen_dtype} needs autocast: set trainer.precision to "
                           f"bf16-mixed or 16-mixed (got {run.trainer.precision!r})")
+    if run.dmd.iterations and run.dmd.w_consistency and not t.stages:
+        raise ConfigError("dmd.w_consistency > 0 keeps the last TSCD stage's loss, but tscd.stages is empty")
     _validate_feedback(run)
     _validate_dmd(run.dmd)
     from ..worlds import check_world  # the world's own rules live with the world; nothing below imports config

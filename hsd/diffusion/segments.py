@@ -7,12 +7,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .grid import trailing
+
 
 def ddim_grid(T: int, N: int) -> Tensor:
     """The teacher's N-step DDIM grid, ascending: T/N - 1, 2T/N - 1, ..., T - 1 (trailing spacing)."""
-    if not 1 <= N <= T:
-        raise ValueError(f"grid steps N={N} must be in [1, {T}]")
-    return (torch.arange(1, N + 1, dtype=torch.float64) * (T / N)).round().long() - 1
+    return torch.tensor(trailing(T, N), dtype=torch.long)
 
 
 def segment_length(T: int, k: int) -> int:
@@ -60,3 +60,4 @@ def sample_times(grid: Tensor, k: int, T: int, batch: int, generator: torch.Gene
 def inference_timesteps(T: int, steps: int) -> Tensor:
     """Timesteps a k-step TSCD student is sampled at: DDIM trailing, one per segment start."""
     return ddim_grid(T, steps).flip(0)
+

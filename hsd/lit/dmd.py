@@ -6,8 +6,10 @@ real score the frozen teacher (adapters off) with CFG
 fake score a LoRA of its own ("fake") on the teacher, or a full trainable copy, fitted to the generator's
            samples by the denoising loss
 Generator loss = DMD (Eq. 10, DMD2's normalisation) + lambda_mse * MSE to the teacher's multi-step result from
-the same z + w_feedback * the feedback losses. Each batch: one generator update, then `fake_updates` fake-score
-updates (manual optimisation).
+the same z + w_feedback * the feedback losses + w_consistency * the last TSCD stage's consistency loss (so the
+unified LoRA, which DMD trains only at its one-step timestep, stays consistent at 2-8 steps). Each batch: one
+generator update, then `fake_updates` fake-score updates, each on fresh generator samples as DMD2 draws them
+(manual optimisation). The DMD gradient reads noise levels in [t_min, t_max] T; the fake score learns all of them.
 """
 from __future__ import annotations
 
@@ -22,9 +24,11 @@ from ..data.batch import RawBatch
 from ..diffusion.schedule import NoiseSchedule, add_noise, eps_to_x0
 from ..diffusion.segments import inference_timesteps
 from ..diffusion.solvers import guided_eps, teacher_step
+from ..losses.consistency import distance
 from ..losses.dmd import dmd_loss, fake_score_loss
 from ..models.adapters import FAKE, TSCD
 from .base import StageModule
+from .consistency import ConsistencyPair
 
 if TYPE_CHECKING:
     from ..config import DMD
@@ -36,9 +40,9 @@ GENERATOR = TSCD  # the LoRA generator is the TSCD LoRA trained on (the unified 
 class DMDModule(StageModule):
     def __init__(self, unet, schedule: NoiseSchedule, cfg: DMD, feedback: FeedbackLoss | None = None, seed: int = 0,
                  encoder=None, fsdp: bool = False, generator_unet: nn.Module | None = None,
-                 fake_unet: nn.Module | None = None):
+                 fake_unet: nn.Module | None = None, consistency: ConsistencyPair | None = None):
         super().__init__(unet, schedule, seed, encoder, fsdp)
-        self.cfg, self.feedback = cfg, feedback
+        self.cfg, self.feedback, self.consistency = cfg, feedback, consistency
         self.gen_unet, self.fake_unet = generator_unet, fake_unet  # None: the UNet's own adapter
         self.steps_per_update = 1 + cfg.fake_updates
         self.active, self.trained = (GENERATOR,), (GENERATOR,) if generator_unet is None else ()
@@ -62,16 +66,19 @@ class DMDModule(StageModule):
     def generate(self, z: Tensor, cond) -> Tensor:
         return self.denoise(z, torch.full((z.shape[0],), self.cfg.timestep, device=z.device), cond)
 
-    def noised(self, x0: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        """(x_t, t, noise) with t ~ U[t_min T, t_max T]: the noise levels of both the DMD gradient and the fake loss."""
-        t = torch.randint(self.t_lo, self.t_hi + 1, (x0.shape[0],), generator=g).to(x0.device)
+    def noised(self, x0: Tensor, g: torch.Generator, lo: int = 0, hi: int | None = None) -> tuple[Tensor, Tensor,
+                                                                                                   Tensor]:
+        """(x_t, t, noise) with t ~ U{lo, ..., hi} (default: every timestep, the fake score's range in DMD2)."""
+        hi = self.schedule.T - 1 if hi is None else hi
+        t = torch.randint(lo, hi + 1, (x0.shape[0],), generator=g).to(x0.device)
         noise = torch.randn(x0.shape, generator=g).to(x0)
         return add_noise(x0, noise, *self.schedule.coeffs(t, x0)), t, noise
 
     @torch.no_grad()
     def scores(self, x0: Tensor, cond, uncond, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        """x0 predictions of the real (teacher, CFG) and fake scores from one noising of x0."""
-        x_t, t, _ = self.noised(x0, g)
+        """x0 predictions of the real (teacher, CFG) and fake scores from one noising of x0 at t in
+        [t_min T, t_max T] (DMD2's range for the distribution-matching gradient)."""
+        x_t, t, _ = self.noised(x0, g, self.t_lo, self.t_hi)
         a, s = self.schedule.coeffs(t, x0)
         real = eps_to_x0(x_t, guided_eps(self.teacher_eps, x_t, t, cond, uncond, self.cfg.guidance), a, s)
         return real, eps_to_x0(x_t, self.fake_eps(x_t, t, cond), a, s)
@@ -97,6 +104,8 @@ class DMDModule(StageModule):
         losses = {"dmd": dmd_loss(x0, *self.scores(x0.detach(), cond, uncond, g))}
         if self.cfg.w_mse:
             losses["mse"] = self.cfg.w_mse * F.mse_loss(x0.float(), self.teacher_sample(z, cond, uncond).float())
+        if self.consistency is not None and self.cfg.w_consistency:
+            losses["consistency"] = self.cfg.w_consistency * self.consistency_loss(batch, g)
         rewards = {}
         if self.feedback is not None and self.cfg.w_feedback:
             fb, rewards = self.feedback(x0, batch, self.denoise, self.schedule, g)
@@ -104,13 +113,25 @@ class DMDModule(StageModule):
         loss = torch.stack(list(losses.values())).sum()
         self.manual_backward(loss)
         self._step(opt_g, self.cfg.grad_clip)
-        fake = [self._fake_update(opt_f, x0.detach(), cond, g) for _ in range(self.cfg.fake_updates)]
+        fake = [self._fake_update(opt_f, like, cond, g) for _ in range(self.cfg.fake_updates)]
         self.log("train/dmd_loss", loss, prog_bar=True)
         self.log_dict({f"train/dmd_{k}": v for k, v in losses.items()} | {"train/fake_loss": torch.stack(fake).mean()}
                       | {f"train/reward_{k}": v for k, v in rewards.items()})
         return loss.detach()
 
-    def _fake_update(self, opt, x0: Tensor, cond, g: torch.Generator) -> Tensor:
+    def consistency_loss(self, batch, g: torch.Generator) -> Tensor:
+        """The last TSCD stage's loss on the generator, its target the generator itself without gradient (the
+        online target of LCM-LoRA and PCM: DMD keeps no EMA)."""
+        def target(x, t, c):
+            return self.student_eps(x, t, c)
+        pred, tgt, _ = self.consistency(batch, g, self.student_eps, self.teacher_eps, target)
+        tscd = self.consistency.cfg
+        return distance(pred, tgt, tscd.loss, tscd.huber_c)
+
+    def _fake_update(self, opt, like: Tensor, cond, g: torch.Generator) -> Tensor:
+        """One fake-score step on fresh generator samples (DMD2 draws new ones for every fake update)."""
+        with torch.no_grad():
+            x0 = self.generate(torch.randn(like.shape, generator=g).to(like), cond)
         x_t, t, noise = self.noised(x0, g)
         with self.fake_scope():  # forward and backward with the fake adapter trainable
             loss = fake_score_loss(self.eps(x_t, t, cond, self.fake_unet), noise)

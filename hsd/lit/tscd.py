@@ -1,8 +1,9 @@
 """TSCD as a LightningModule (Hyper-SD §3.1, Algorithm 1): one stage, k segments, any world.
 
-The UNet carries a peft LoRA: adapters on = student Theta, adapters off = frozen teacher, LoRA tensors
-swapped for their EMA = target Theta^-. Where the stage has w_adv > 0, a discriminator on the frozen
-teacher's encoder features is trained in alternation (manual optimisation, one short method).
+The UNet carries a peft LoRA: adapters on = student Theta, adapters off = frozen teacher (or, with
+tscd.teacher = previous, the previous stage's LoRA), LoRA tensors swapped for their EMA = target Theta^-. Where the
+stage has w_adv > 0, a discriminator on the frozen teacher's features is trained in alternation (manual
+optimisation, one short method).
 Lightning owns devices, precision, sharding, checkpoints and logging.
 """
 from __future__ import annotations
@@ -14,15 +15,16 @@ from torch import Tensor
 from torch.func import functional_call
 
 from ..data.batch import Batch, RawBatch
-from ..diffusion.schedule import NoiseSchedule, add_noise, renoise
-from ..diffusion.segments import ddim_grid, sample_times
-from ..diffusion.solvers import cat_cond, ddim_step, teacher_step
+from ..diffusion.schedule import NoiseSchedule, renoise
+from ..diffusion.solvers import cat_cond
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.consistency import tscd_loss
+from ..models.adapters import PREVIOUS
 from ..models.adapters import TSCD as ADAPTER
-from ..models.discriminator import FeatureDiscriminator, encoder_features
+from ..models.discriminator import FeatureDiscriminator, unet_features
 from ..models.ema import EMA
 from .base import StageModule, adamw, no_checkpointing, unet_kwargs
+from .consistency import ConsistencyPair
 
 if TYPE_CHECKING:
     from ..config import TSCD, Stage
@@ -30,7 +32,8 @@ if TYPE_CHECKING:
 
 class TSCDModule(StageModule):
     def __init__(self, unet, schedule: NoiseSchedule, stage: Stage, cfg: TSCD, seed: int = 0,
-                 encoder=None, disc: FeatureDiscriminator | None = None, fsdp: bool = False):
+                 encoder=None, disc: FeatureDiscriminator | None = None, fsdp: bool = False,
+                 previous: bool = False):
         super().__init__(unet, schedule, seed, encoder, fsdp)
         if stage.w_adv > 0 and disc is None:
             raise ValueError(f"stage k={stage.k} has w_adv={stage.w_adv} but no discriminator was given")
@@ -38,42 +41,44 @@ class TSCDModule(StageModule):
         self.disc = disc if stage.w_adv > 0 else None
         # Lightning counts every optimizer's step in global_step: 2 per update when D is trained too.
         self.steps_per_update = 2 if self.disc is not None else 1
+        self.previous = previous  # the teacher is the previous stage's LoRA (its adapter, loaded by hsd.train)
         self.use_adapters()
         self.ema = EMA(self.adapters.params(ADAPTER))
-        self.grid = ddim_grid(schedule.T, stage.grid_steps)  # CPU: times are drawn with a CPU generator
+        self.pair = ConsistencyPair(schedule, stage.k, stage.grid_steps, cfg, guided=not previous)
 
     # ---- the three eps functions: student_eps and teacher_eps (StageModule), the EMA target ----
+    def teacher_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
+        if not self.previous:
+            return super().teacher_eps(x, t, cond)
+        with self.adapters.scope([PREVIOUS]):
+            return self.eps(x, t, cond)
+
     def ema_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
         return functional_call(self.unet, self.ema.tensors(), (x, t), unet_kwargs(cond), strict=False).sample
 
     def tscd_pair(self, batch: Batch, g: torch.Generator) -> tuple[Tensor, Tensor, dict]:
-        """(student prediction, target), both projected to t_end (Eq. 14), and the draws that made them.
+        """(student prediction, target), both projected to t_end (Eq. 14), and the draws that made them."""
+        return self.pair(batch, g, self.student_eps, self.teacher_eps, self.ema_eps)
 
-        All randomness comes from g.
-        """
-        x0, cond, uncond = batch["x0"], batch["cond"], batch["uncond"]
-        B, dev = x0.shape[0], x0.device
-        ts = sample_times(self.grid, self.stage.k, self.schedule.T, B, g, self.cfg.t_end)
-        t_n, t_prev, t_end = (v.to(dev) for v in (ts.t_n, ts.t_prev, ts.t_end))
-        noise = torch.randn(x0.shape, generator=g).to(x0)
-        if self.cfg.offset_noise:
-            noise = noise + self.cfg.offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=g).to(x0)
-        w = self.cfg.guidance_min + (self.cfg.guidance_max - self.cfg.guidance_min) * torch.rand(B, generator=g)
-        x_tn = add_noise(x0, noise, *self.schedule.coeffs(t_n, x0))
-        with torch.no_grad():
-            x_prev = teacher_step(self.schedule, self.teacher_eps, x_tn, t_n, t_prev, cond, uncond, w.to(dev))
-            target = ddim_step(self.schedule, x_prev, self.ema_eps(x_prev, t_prev, cond), t_prev, t_end)
-        pred = ddim_step(self.schedule, x_tn, self.student_eps(x_tn, t_n, cond), t_n, t_end)
-        return pred, target, {"x_tn": x_tn, "t_n": t_n, "t_prev": t_prev, "t_end": t_end, "w": w}
-
-    def logits(self, x: Tensor, t: Tensor, cond) -> list[Tensor]:
-        """Discriminator logits of samples x at timesteps t, from the frozen teacher's encoder features.
+    def logits(self, x: Tensor, t: Tensor, cond, start: list[Tensor] | None) -> list[Tensor]:
+        """Discriminator logits of samples x at timesteps t, from the frozen teacher's features.
 
         This pass needs gradient (to x) with the LoRA off; checkpointed blocks would recompute it in backward
         with the LoRA back on, so it runs without gradient checkpointing.
         """
         with self.teacher(), no_checkpointing(self.unet):
-            return self.disc(encoder_features(self.unet, x, t, unet_kwargs(cond), not self.fsdp))
+            return self.disc(self.features(x, t, cond), start)
+
+    def features(self, x: Tensor, t: Tensor, cond) -> list[Tensor]:
+        return unet_features(self.unet, x, t, unet_kwargs(cond), self.cfg.adv.up_features, not self.fsdp)
+
+    @torch.no_grad()
+    def start_features(self, aux: dict) -> list[Tensor] | None:
+        """The start point x_tn's features at t_n, which a conditioned discriminator sees beside each sample."""
+        if not self.disc.conditioned:
+            return None
+        with self.teacher():
+            return self.features(aux["x_tn"], aux["t_n"], aux["cond"])
 
     def training_step(self, batch: RawBatch, batch_idx: int) -> Tensor:
         g = self.generator(batch)
@@ -85,13 +90,17 @@ class TSCDModule(StageModule):
         opts = self.optimizers()
         if self.disc is None:
             return self._generator_update(opts, pred, target, None, update)
-        noisy, t_adv = self._renoiser(aux["t_end"], pred, g)
-        adv = lambda p, _: g_loss(self.logits(noisy(p), t_adv, batch["cond"]), self.cfg.adv.loss)  # noqa: E731
+        t_adv = self._renoise_times(aux["t_end"], g)
+        z_fake, z_real = (torch.randn(pred.shape, generator=g).to(pred) for _ in range(2))  # each its own noise
+        noisy = lambda x, z: renoise(self.schedule, x, aux["t_end"], t_adv, z)  # noqa: E731  q(x_t' | x_t_end)
+        cond, start = aux["cond"], self.start_features(aux)
+        adv = lambda p, _: g_loss(self.logits(noisy(p, z_fake), t_adv, cond, start), self.cfg.adv.loss)  # noqa: E731
         self.toggle_optimizer(opts[0])
         loss = self._generator_update(opts[0], pred, target, adv, update)
         self.untoggle_optimizer(opts[0])
         self.toggle_optimizer(opts[1])
-        self._discriminator_update(opts[1], noisy(target), noisy(pred.detach()), t_adv, batch["cond"], update)
+        self._discriminator_update(opts[1], noisy(target, z_real), noisy(pred.detach(), z_fake), t_adv, cond, start,
+                                   update)
         self.untoggle_optimizer(opts[1])
         return loss
 
@@ -105,28 +114,24 @@ class TSCDModule(StageModule):
         self.log(f"train/loss_k{s.k}", loss, prog_bar=True)
         return loss.detach()
 
-    def _discriminator_update(self, opt, real: Tensor, fake: Tensor, t: Tensor, cond, update: bool) -> None:
+    def _discriminator_update(self, opt, real: Tensor, fake: Tensor, t: Tensor, cond, start, update: bool) -> None:
         with torch.no_grad(), self.teacher():  # frozen features need no graph: only the heads learn
-            feats = encoder_features(self.unet, torch.cat([real, fake]), torch.cat([t, t]),
-                                     unet_kwargs(cat_cond(cond, cond)), not self.fsdp)  # one batched forward
-        r, f = zip(*(logit.chunk(2) for logit in self.disc(feats)))
+            feats = unet_features(self.unet, torch.cat([real, fake]), torch.cat([t, t]),
+                                  unet_kwargs(cat_cond(cond, cond)), self.cfg.adv.up_features,
+                                  not self.fsdp)  # one batched forward
+        both = None if start is None else [torch.cat([s, s]) for s in start]
+        r, f = zip(*(logit.chunk(2) for logit in self.disc(feats, both)))
         loss = d_loss(list(r), list(f), self.cfg.adv.loss)
         self.manual_backward(loss / self.cfg.accumulate)
         if update:
             self._step(opt, self.cfg.grad_clip)
         self.log(f"train/d_loss_k{self.stage.k}", loss, prog_bar=True)
 
-    def _renoiser(self, t_end: Tensor, like: Tensor, g: torch.Generator):
-        """(x -> a draw of q(x_t' | x_t_end), t'): real and fake get the same t' ~ U[t_end, renoise_max T] and
-        the same noise."""
+    def _renoise_times(self, t_end: Tensor, g: torch.Generator) -> Tensor:
+        """t' ~ U[t_end, renoise_max T]: where both samples are re-noised to before the discriminator sees them."""
         t_hi = torch.full_like(t_end, int(self.cfg.adv.renoise_max * (self.schedule.T - 1)))
-        u = torch.rand(like.shape[0], generator=g).to(like.device)
-        t_adv = t_end + (u * (t_hi - t_end).clamp(min=0)).long()
-        z = torch.randn(like.shape, generator=g).to(like)
-
-        def noisy(x: Tensor) -> Tensor:
-            return renoise(self.schedule, x, t_end, t_adv, z)
-        return noisy, t_adv
+        u = torch.rand(t_end.shape[0], generator=g).to(t_end.device)
+        return t_end + (u * (t_hi - t_end).clamp(min=0)).long()
 
     def configure_optimizers(self):
         opt_g = adamw(self.cfg.optimizer)(self.adapters.params(ADAPTER).values(), lr=self.cfg.lr,

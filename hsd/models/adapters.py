@@ -1,7 +1,7 @@
 """The one owner of a UNet's named peft LoRAs: which run, which train, and scopes that put both back.
 
-A UNet in hsd carries up to three adapters: the TSCD LoRA (peft's "default"; DMD's LoRA generator trains it
-further), the feedback LoRA and the fake-score LoRA. Every stage declares which adapters are active and which of
+A UNet in hsd carries up to four adapters: the TSCD LoRA (peft's "default"; DMD's LoRA generator trains it
+further), the feedback LoRA, the fake-score LoRA and, when later TSCD stages distil the previous one, that one. Every stage declares which adapters are active and which of
 them it trains; everything else reads the UNet through a scope (`scope`, `off` = the frozen teacher, `restoring`)
 that restores the previous state on exit. This module is the only place that switches peft adapters.
 
@@ -23,6 +23,7 @@ from ..errors import ConfigError
 from . import lora as lora_io
 
 TSCD, FEEDBACK, FAKE = "default", "feedback", "fake"  # the TSCD LoRA keeps peft's default name
+PREVIOUS = "previous"  # the previous TSCD stage's LoRA, frozen, as the teacher (tscd.teacher = previous)
 
 
 def _tuner_layers(unet) -> list[BaseTunerLayer]:

@@ -1,38 +1,43 @@
 """The adversarial part of TSCD's distance for k = 2, 1 (SDXL-Lightning / PCM kind).
 
-Features come from the frozen teacher UNet's encoder (down blocks + mid block) on a re-noised sample;
-light trainable heads turn each feature map into per-position logits. The UNet stays the teacher (its
-LoRA is switched off by the caller) and is never a submodule here, so its weights belong to no optimizer
-of this module; gradient still flows through it to the generator's sample.
+Features come from the frozen teacher UNet on a re-noised sample: its encoder (down blocks + mid block) and, with
+`up`, its decoder blocks too (PCM's discriminator reads the whole UNet). With `conditioned`, each head also sees the
+features of the start point x_tn at t_n, so the discriminator judges the step x_tn -> sample rather than the sample
+alone (SDXL-Lightning's D(x_t, x_{t-ns}, t, t-ns, c), which preserves the flow). Light trainable heads turn each
+feature map into per-position logits. The UNet stays the teacher (its LoRA is switched off by the caller) and is
+never a submodule here, so its weights belong to no optimizer of this module; gradient still flows through it to
+the generator's sample.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 
 class _Stop(Exception):
-    """Raised after the mid block: the up-sampling half of the UNet is never run."""
+    """Raised after the last block whose features are read: the rest of the UNet is never run."""
 
 
-def encoder_features(unet, x: Tensor, t: Tensor, cond: dict, stop: bool = True) -> list[Tensor]:
-    """Outputs of every down block and of the mid block ([B, C_i, H_i, W_i] each) for UNet(x, t, **cond).
+def unet_features(unet, x: Tensor, t: Tensor, cond: dict, up: bool = False, stop: bool = True) -> list[Tensor]:
+    """Outputs of every down block, the mid block and (with `up`) every up block ([B, C_i, H_i, W_i] each) for
+    UNet(x, t, **cond).
 
-    Hooks capture the features and (with stop) end the forward after the mid block, so the UNet's own
-    forward (time embedding, SDXL added conditions) is used as is rather than re-implemented. Under FSDP
-    every wrapped block must run, so there the up blocks run too (stop=False) and their output is dropped.
+    Hooks capture the features and (with stop) end the forward after the last block read, so the UNet's own
+    forward (time embedding, SDXL added conditions) is used as is rather than re-implemented. Under FSDP every
+    wrapped block must run, so there the rest of the UNet runs too (stop=False) and its output is dropped.
     """
     feats: list[Tensor] = []
+    blocks = [*unet.down_blocks, unet.mid_block, *(unet.up_blocks if up else [])]
 
     def keep(_, __, out):
         feats.append(out[0] if isinstance(out, tuple) else out)
 
     def last(_, __, out):
-        feats.append(out)
+        keep(_, __, out)
         if stop:
             raise _Stop
 
-    handles = [b.register_forward_hook(keep) for b in unet.down_blocks]
-    handles.append(unet.mid_block.register_forward_hook(last))
+    handles = [b.register_forward_hook(keep) for b in blocks[:-1]] + [blocks[-1].register_forward_hook(last)]
     try:
         unet(x, t, **cond)
     except _Stop:
@@ -43,10 +48,10 @@ def encoder_features(unet, x: Tensor, t: Tensor, cond: dict, stop: bool = True) 
     return feats
 
 
-def feature_channels(unet) -> list[int]:
-    """Channels of `encoder_features`: each down block's output, then the mid block's."""
+def feature_channels(unet, up: bool = False) -> list[int]:
+    """Channels of `unet_features`: each down block's output, the mid block's, then each up block's."""
     ch = list(unet.config.block_out_channels)
-    return ch + [ch[-1]]
+    return ch + [ch[-1]] + (list(reversed(ch)) if up else [])
 
 
 class Head(nn.Module):
@@ -61,11 +66,17 @@ class Head(nn.Module):
 
 
 class FeatureDiscriminator(nn.Module):
-    """One head per encoder feature level; returns a list of logit maps [B, 1, H_i, W_i]."""
+    """One head per feature level; returns a list of logit maps [B, 1, H_i, W_i]. `conditioned` heads take the
+    sample's features and the start point's, concatenated along channels."""
 
-    def __init__(self, channels: list[int], hidden: int = 64):
+    def __init__(self, channels: list[int], hidden: int = 64, conditioned: bool = False):
         super().__init__()
-        self.heads = nn.ModuleList(Head(c, hidden) for c in channels)
+        self.conditioned = conditioned
+        self.heads = nn.ModuleList(Head(c * (2 if conditioned else 1), hidden) for c in channels)
 
-    def forward(self, feats: list[Tensor]) -> list[Tensor]:
+    def forward(self, feats: list[Tensor], start: list[Tensor] | None = None) -> list[Tensor]:
+        if self.conditioned:
+            if start is None:
+                raise ValueError("a conditioned discriminator needs the start point's features")
+            feats = [torch.cat([f, s.to(f)], 1) for f, s in zip(feats, start)]
         return [h(f.float()) for h, f in zip(self.heads, feats)]

@@ -119,7 +119,8 @@ def lab_table(cfg: Run, ev: LabEvaluator, adapters: Adapters, made: Artefacts, o
     """The paper's protocol: the exact reference rows; the teacher (CFG, deterministic DDIM) at every student step
     count and at its many-step count; each TSCD stage's LoRA at its own k steps (DDIM trailing, as the released
     N-step LoRAs are used); the final k = 1 LoRA at every student step count with DDIM and with TCD; then, when
-    trained, the TSCD + feedback merges at weights (1, w) and the DMD generator."""
+    trained, the TSCD + feedback merges at weights (1, w) and the DMD generator. A CFG-preserving recipe
+    (tscd.cfg_solver = false) adds each stage's LoRA with CFG at the teacher's scale."""
     rows, samples, loras, unet, lab = [], [], made.tscd, adapters.unet, cfg.lab
 
     def add(result):
@@ -135,10 +136,13 @@ def lab_table(cfg: Run, ev: LabEvaluator, adapters: Adapters, made: Artefacts, o
         for n in sorted(set(lab.student_steps) - {lab.teacher_steps}):
             add(ev.row("Teacher", unet, n, "ddim", guided=True))
         add(many)
+    keeps_cfg = not cfg.tscd.cfg_solver  # a CFG-preserving LoRA: also sampled with CFG, as the release's are
     with adapters.scope([TSCD]):
         for k, path in loras:
             adapters.load(path)
             add(ev.row(f"TSCD stage k={k}", unet, k, "ddim"))
+            if keeps_cfg:
+                add(ev.row(f"TSCD stage k={k}", unet, k, "ddim", guided=True))
         if loras and loras[-1][0] == 1:
             for kind in ("ddim", "tcd"):
                 for n in lab.student_steps:
