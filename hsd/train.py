@@ -202,8 +202,9 @@ SHAPING_LAB = ("lab.world", "lab.teacher")
 # How an unfinished stage's batches are split: they matter to resuming it, not to reusing a finished artefact.
 RESUME_ONLY = ("trainer.devices", "trainer.num_nodes", "trainer.precision")
 # What DMD takes from the feedback section when dmd.w_feedback > 0: the losses, not the feedback stage's training.
-FEEDBACK_LOSS = ("feedback.rewards", "feedback.instance_weight", "feedback.t_range", "feedback.scorers",
-                 "feedback.solo", "feedback.solo_classes", "feedback.coco_annotations", "feedback.coco_images")
+FEEDBACK_LOSS = ("feedback.rewards", "feedback.instance_weight", "feedback.t_range", "feedback.steps",
+                 "feedback.scorers", "feedback.solo", "feedback.solo_classes", "feedback.coco_annotations",
+                 "feedback.coco_images", "feedback.coco_captions", "feedback.instance_start")
 
 
 def shaping_settings(cfg: Run, kind: str, index: int = 0) -> dict:

@@ -63,7 +63,7 @@ def test_feedback_gradient_reaches_only_the_feedback_lora(world):
     batch = _batch(world, teacher)
     g = torch.Generator().manual_seed(0)
     x0 = module.x0_from_noise(batch, g)
-    losses, rewards = module.loss(x0, batch, module.denoise, module.schedule, g)
+    losses, rewards = module.loss(x0, batch, module, g)
     assert torch.isfinite(losses["reward"]) and losses["reward"] > 0 and torch.isfinite(rewards["lab"])
     losses["reward"].backward()
     fb, tscd = lio.lora_params(teacher.unet, "feedback"), lio.lora_params(teacher.unet, "default")

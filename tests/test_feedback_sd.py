@@ -42,17 +42,22 @@ def files(tmp_path_factory) -> dict[str, Path]:
                      "segmentation": [[10, 10, 50, 10, 50, 40, 10, 40]]})
     (root / "instances.json").write_text(json.dumps({"images": images, "annotations": anns,
                                                      "categories": [{"id": 1}, {"id": 18}]}))
+    (root / "captions.json").write_text(json.dumps({"annotations": [{"id": 10 + i, "image_id": i,
+                                                                     "caption": f"a dog on field {i}"}
+                                                                    for i in (1, 2)]}))
     for i in range(4):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "images" / f"{i}.png")
         (root / "images" / f"{i}.txt").write_text(f"a photo of thing {i}")
     return {"root": root, "scorers": root / "scorers", "solo": root / "solo.safetensors",
-            "annotations": root / "instances.json", "coco": root / "coco", "images": root / "images"}
+            "annotations": root / "instances.json", "coco": root / "coco", "images": root / "images",
+            "captions": root / "captions.json"}
 
 
 def _overrides(files, model: Path, world: str) -> list[str]:
     return [f"world={world}", f"model.path={model}", f"data.folder={files['images']}", "model.resolution=64",
             f"feedback.scorers={files['scorers']}", f"feedback.solo={files['solo']}",
             f"feedback.coco_annotations={files['annotations']}", f"feedback.coco_images={files['coco']}",
+            f"feedback.coco_captions={files['captions']}",
             "feedback.rewards={Aes: {margin: 100.0, weight: 1.0}, ImageReward: {margin: 100.0, weight: 1.0}}",
             "feedback.instance_weight=1.0", "feedback.steps=2", "feedback.batch_size=2"]
 
@@ -88,10 +93,10 @@ def test_gradient_reaches_the_feedback_lora_from_each_reward_and_the_instance_lo
         r = module.loss.rewards(module.x0_from_noise(batch, torch.Generator().manual_seed(1)), batch)[name]
         assert r.shape == (2,) and torch.isfinite(r).all()
         assert grad_norm(-r.mean()) > 0, name
-    inst = module.loss.instance(module.denoise, module.schedule, batch["uncond"], cfg.feedback.t_range, 2, g, "cpu")
+    inst = module.loss.instance(module, module.refl, 2, g, "cpu")
     assert torch.isfinite(inst) and inst > 0
     assert grad_norm(inst) > 0
-    losses, _ = module.loss(module.x0_from_noise(batch, g), batch, module.denoise, module.schedule, g)
+    losses, _ = module.loss(module.x0_from_noise(batch, g), batch, module, g)
     assert set(losses) == {"reward", "instance"} and all(torch.isfinite(v) for v in losses.values())
 
 

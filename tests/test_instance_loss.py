@@ -23,7 +23,9 @@ def coco(tmp_path_factory):
                 {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [70, 10, 40, 70],
                  "segmentation": [[70, 10, 110, 10, 110, 80, 70, 80]]}]}
     (root / "instances.json").write_text(json.dumps(data))
-    return CocoInstances(root / "instances.json", root / "images")
+    (root / "captions.json").write_text(json.dumps({"annotations": [
+        {"id": 7, "image_id": 1, "caption": "a dog beside a person "}, {"id": 8, "image_id": 1, "caption": "two"}]}))
+    return CocoInstances(root / "instances.json", root / "images", root / "captions.json")
 
 
 def test_coco_instances_resize_with_the_image(coco):
@@ -34,11 +36,22 @@ def test_coco_instances_resize_with_the_image(coco):
     assert inst["masks"].shape == (2, 64, 64) and 0.05 < inst["masks"][0].float().mean() < 0.2
 
 
-def test_annotations_without_instances_are_refused(tmp_path):
+def test_captions_are_drawn_per_image(coco):
+    draws = {coco.caption(0, torch.Generator().manual_seed(s)) for s in range(20)}
+    assert draws == {"a dog beside a person", "two"}  # both of image 1's captions, stripped
+
+
+def test_annotations_without_instances_or_captions_are_refused(coco, tmp_path):
     (tmp_path / "captions.json").write_text(json.dumps(
         {"images": [{"id": 1}], "annotations": [{"id": 1, "image_id": 1, "caption": "a dog"}]}))
     with pytest.raises(ValueError, match="no instance annotations"):
-        CocoInstances(tmp_path / "captions.json", tmp_path)
+        CocoInstances(tmp_path / "captions.json", tmp_path, tmp_path / "captions.json")
+    root = coco.root.parent
+    (tmp_path / "other.json").write_text(json.dumps({"annotations": [{"id": 1, "image_id": 5, "caption": "x"}]}))
+    with pytest.raises(ValueError, match="no image of .* has a caption"):
+        CocoInstances(root / "instances.json", root / "images", tmp_path / "other.json")
+    with pytest.raises(FileNotFoundError, match="COCO captions file not found"):
+        CocoInstances(root / "instances.json", root / "images", tmp_path / "missing.json")
 
 
 def test_solo_loss_reaches_the_pixels(coco):

@@ -105,6 +105,10 @@ class Feedback:
     solo_classes: int = field(default=80, metadata=ge(1))
     coco_annotations: str = ""  # instances_train2017.json
     coco_images: str = ""      # the train2017 image folder
+    coco_captions: str = ""    # captions_train2017.json: each image's denoising is conditioned on one of its captions
+    instance_start: int = field(default=499, metadata=within(0, T, hi_open=True))  # t_a of Eq. 16: COCO images are
+    #                            diffused to the ReFL grid step at or below it, then denoised to a stop in t_range
+    #                            (ours: 499, SDEdit's strength 0.5, keeps the layout the ground-truth masks describe)
     merge_weights: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0, 1.5])  # report: TSCD + w * feedback
     #                            (any w: a negative one, extrapolating away from the feedback LoRA, is a valid probe)
 

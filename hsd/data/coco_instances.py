@@ -1,5 +1,6 @@
 """COCO instance annotations (instances_train2017.json) as the instance loss's targets: per image, boxes,
-contiguous labels and binary masks, resized with the image to a square training size."""
+contiguous labels and binary masks, resized with the image to a square training size, and its captions
+(captions_train2017.json), which condition the denoising as in the paper's Eq. 16."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from .sources import DataError
 class CocoInstances:
     """Images that have at least one non-crowd instance; labels are the category ids' ranks (0..79 on COCO)."""
 
-    def __init__(self, annotations: str | Path, images: str | Path):
+    def __init__(self, annotations: str | Path, images: str | Path, captions: str | Path):
         path = Path(annotations)
         if not path.is_file():
             raise MissingFileError(f"COCO instances file not found: {path} (annotations/instances_train2017.json)")
@@ -31,8 +32,17 @@ class CocoInstances:
         self.by_image: dict[int, list[dict]] = {}
         for a in anns:
             self.by_image.setdefault(a["image_id"], []).append(a)
-        self.ids = sorted(self.by_image)
+        self.captions = _captions(Path(captions))
+        self.ids = sorted(i for i in self.by_image if i in self.captions)
+        if not self.ids:
+            raise DataError(f"no image of {path} has a caption in {captions} (captions_train2017.json pairs with "
+                            f"instances_train2017.json)")
         self.root = Path(images)
+
+    def caption(self, i: int, g: torch.Generator) -> str:
+        """One of image i's captions (COCO has five), drawn with g."""
+        options = self.captions[self.ids[i]]
+        return options[int(torch.randint(len(options), (1,), generator=g))]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -56,6 +66,19 @@ class CocoInstances:
         pixels = torch.from_numpy(np.array(image.resize((size, size), Image.BICUBIC))).permute(2, 0, 1) / 255
         return pixels, {"bboxes": torch.tensor(boxes), "labels": torch.tensor(labels),
                         "masks": torch.from_numpy(np.stack(masks))}
+
+
+def _captions(path: Path) -> dict[int, list[str]]:
+    """{image id: [captions]} from a COCO captions file."""
+    if not path.is_file():
+        raise MissingFileError(f"COCO captions file not found: {path} (annotations/captions_train2017.json)")
+    out: dict[int, list[str]] = {}
+    for a in json.loads(path.read_text()).get("annotations", []):
+        if "image_id" in a and "caption" in a:
+            out.setdefault(a["image_id"], []).append(a["caption"].strip())
+    if not out:
+        raise DataError(f"{path} holds no captions (annotations with 'image_id' and 'caption')")
+    return out
 
 
 def _decode(seg, h: int, w: int) -> np.ndarray:

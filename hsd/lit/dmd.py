@@ -27,6 +27,7 @@ from ..diffusion.solvers import guided_eps, teacher_step
 from ..losses.consistency import distance
 from ..losses.dmd import dmd_loss, fake_score_loss
 from ..models.adapters import FAKE, TSCD
+from ..rewards.feedback import Refl
 from .base import StageModule
 from .consistency import ConsistencyPair
 
@@ -48,6 +49,8 @@ class DMDModule(StageModule):
         self.active, self.trained = (GENERATOR,), (GENERATOR,) if generator_unet is None else ()
         self.use_adapters()
         self.t_lo, self.t_hi = int(cfg.t_min * (schedule.T - 1)), int(cfg.t_max * (schedule.T - 1))
+        if feedback is not None:  # the instance term's ReFL grid (the feedback section's)
+            self.refl = Refl(schedule.T, feedback.cfg.steps, feedback.cfg.t_range)
 
     # ---- the three networks ----
     def student_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
@@ -108,7 +111,7 @@ class DMDModule(StageModule):
             losses["consistency"] = self.cfg.w_consistency * self.consistency_loss(batch, g)
         rewards = {}
         if self.feedback is not None and self.cfg.w_feedback:
-            fb, rewards = self.feedback(x0, batch, self.denoise, self.schedule, g)
+            fb, rewards = self.feedback(x0, batch, self, g)
             losses |= {k: self.cfg.w_feedback * v for k, v in fb.items()}
         loss = torch.stack(list(losses.values())).sum()
         self.manual_backward(loss)
@@ -122,9 +125,7 @@ class DMDModule(StageModule):
     def consistency_loss(self, batch, g: torch.Generator) -> Tensor:
         """The last TSCD stage's loss on the generator, its target the generator itself without gradient (the
         online target of LCM-LoRA and PCM: DMD keeps no EMA)."""
-        def target(x, t, c):
-            return self.student_eps(x, t, c)
-        pred, tgt, _ = self.consistency(batch, g, self.student_eps, self.teacher_eps, target)
+        pred, tgt, _ = self.consistency(batch, g, self.student_eps, self.teacher_eps, self.student_eps)
         tscd = self.consistency.cfg
         return distance(pred, tgt, tscd.loss, tscd.huber_c)
 

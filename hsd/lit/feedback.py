@@ -14,10 +14,8 @@ from torch import Tensor
 
 from ..data.batch import Batch, RawBatch
 from ..diffusion.schedule import NoiseSchedule
-from ..diffusion.segments import inference_timesteps
-from ..diffusion.solvers import ddim_step
-from ..errors import ConfigError
 from ..models.adapters import FEEDBACK, TSCD
+from ..rewards.feedback import Refl
 from .base import StageModule
 
 if TYPE_CHECKING:
@@ -33,28 +31,17 @@ class FeedbackModule(StageModule):
         super().__init__(unet, schedule, seed, encoder, fsdp)
         self.cfg, self.loss = cfg, loss
         self.use_adapters()
-        self.grid = inference_timesteps(schedule.T, cfg.steps)  # descending: T-1, ..., T/steps - 1
-        lo, hi = cfg.t_range
-        self.stops = [i for i, t in enumerate(self.grid.tolist()) if lo <= t <= hi]
-        if not self.stops:
-            raise ConfigError(f"feedback.t_range {cfg.t_range} holds none of the {cfg.steps}-step grid's timesteps "
-                              f"{self.grid.tolist()}")
+        self.refl = Refl(schedule.T, cfg.steps, cfg.t_range)
 
     def x0_from_noise(self, batch: Batch, g: torch.Generator) -> Tensor:
         """x_T -> (no gradient) the grid step t_j, j drawn from the stops in t_range -> x'_0 (gradient)."""
-        like, cond = batch["x0"], batch["cond"]
-        x = torch.randn(like.shape, generator=g).to(like)
-        j = self.stops[int(torch.randint(len(self.stops), (1,), generator=g))]
-        at = [torch.full((like.shape[0],), int(t), device=like.device) for t in self.grid]
-        with torch.no_grad():
-            for i in range(j):
-                x = ddim_step(self.schedule, x, self.eps(x, at[i], cond), at[i], at[i + 1])
-        return self.denoise(x, at[j], cond)
+        x = torch.randn(batch["x0"].shape, generator=g).to(batch["x0"])
+        return self.refl.x0(self, x, 0, batch["cond"], g)
 
     def training_step(self, batch: RawBatch, batch_idx: int) -> Tensor:
         g = self.generator(batch)
         batch = self.encode(batch, g)
-        losses, rewards = self.loss(self.x0_from_noise(batch, g), batch, self.denoise, self.schedule, g)
+        losses, rewards = self.loss(self.x0_from_noise(batch, g), batch, self, g)
         loss = torch.stack(list(losses.values())).sum()
         self.manual_backward(loss)
         self._step(self.optimizers(), self.cfg.grad_clip)

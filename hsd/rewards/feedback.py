@@ -1,27 +1,38 @@
 """The feedback losses of Hyper-SD §3.2 as one module, shared by the feedback and DMD stages.
 
 L_feedback = L_aes (Eq. 15: sum_d w_d ReLU(alpha_d - r_d(x'_0, c)) over differentiable rewards)
-           + w_inst * L_percep (Eq. 16: SOLO's loss on x'_0 denoised from a noised COCO image, against its
-             ground-truth instances).
+           + w_inst * L_percep (Eq. 16: SOLO's loss on x'_0 denoised from a diffused COCO image, with its caption,
+             against its ground-truth instances).
 The rewards come from the world: the lab's exact class log-likelihood (hsd.worlds.lab), or hsd.scorers' scorers
 on VAE-decoded images.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from ..diffusion.schedule import NoiseSchedule, add_noise
+from ..diffusion.segments import inference_timesteps
+from ..diffusion.solvers import ddim_step
+from ..errors import ConfigError
 from ..losses.feedback import reward_hinge
 from ..models.conditioning import vae_encode
 
 if TYPE_CHECKING:
     from ..config import Feedback
 
-# denoise(x_t, t [B], cond) -> x'_0 with gradient to the trained weights
-Denoise = Callable[[Tensor, Tensor, object], Tensor]
+
+class Student(Protocol):
+    """What the feedback losses need of a stage: its schedule, its student's eps (used without gradient), its
+    one-step x'_0 with gradient to the trained weights, and its ReFL grid."""
+    schedule: NoiseSchedule
+    refl: Refl
+
+    def student_eps(self, x: Tensor, t: Tensor, cond) -> Tensor: ...
+
+    def denoise(self, x_t: Tensor, t: Tensor, cond) -> Tensor: ...
 
 
 class VaeDecoder(nn.Module):
@@ -54,22 +65,52 @@ class ScorerRewards(nn.Module):
         return {name: s(crops, batch["captions"]).float() for name, s in self.scorers.items()}
 
 
+class Refl:
+    """ReFL's sampling on the student's `steps`-step DDIM-trailing grid: from grid step i0, without gradient, down
+    to a stop drawn from the grid steps in t_range (at or after i0), then one step with gradient to x'_0."""
+
+    def __init__(self, T: int, steps: int, t_range: list[int]):
+        self.grid = inference_timesteps(T, steps)  # descending: T-1, ..., T/steps - 1
+        lo, hi = t_range
+        self.stops = [i for i, t in enumerate(self.grid.tolist()) if lo <= t <= hi]
+        if not self.stops:
+            raise ConfigError(f"feedback.t_range {t_range} holds none of the {steps}-step grid's timesteps "
+                              f"{self.grid.tolist()}")
+
+    def index_at_or_below(self, t: int) -> int:
+        """The first grid step at or below timestep t (the last one if none is)."""
+        return next((i for i, s in enumerate(self.grid.tolist()) if s <= t), len(self.grid) - 1)
+
+    def x0(self, stage: Student, x: Tensor, i0: int, cond, g: torch.Generator) -> Tensor:
+        """x at grid step i0 -> (no gradient) the stop j -> x'_0 (gradient to the trained weights)."""
+        stops = [j for j in self.stops if j >= i0] or [i0]
+        j = stops[int(torch.randint(len(stops), (1,), generator=g))]
+        at = [torch.full((x.shape[0],), int(t), device=x.device) for t in self.grid]
+        with torch.no_grad():
+            for i in range(i0, j):
+                x = ddim_step(stage.schedule, x, stage.student_eps(x, at[i], cond), at[i], at[i + 1])
+        return stage.denoise(x, at[j], cond)
+
+
 class InstanceTerm(nn.Module):
-    """Eq. 16 for one batch: COCO images -> latents -> x_t at t in [t_left, t_right] -> x'_0 (one step with
-    gradient, conditioned on the empty prompt: instance files carry no captions) -> decoded -> SOLO loss."""
+    """Eq. 16 for one batch: COCO images -> latents -> diffused to x_ta (t_a: the ReFL grid step at or below
+    `start`) -> denoised along the grid without gradient to a stop in t_range -> x'_0 with gradient, all conditioned
+    on one of each image's COCO captions -> decoded -> SOLO loss against its ground-truth instances."""
 
-    def __init__(self, coco, loss: nn.Module, decoder: VaeDecoder, size: int):
+    def __init__(self, coco, loss: nn.Module, decoder: VaeDecoder, size: int, text: nn.Module, start: int):
         super().__init__()
-        self.coco, self.loss, self.decoder, self.size = coco, loss, decoder, size
+        self.coco, self.loss, self.decoder, self.size, self.text, self.start = coco, loss, decoder, size, text, start
 
-    def forward(self, denoise: Denoise, schedule: NoiseSchedule, uncond, t_range: list[int], batch_size: int,
-                g: torch.Generator, device) -> Tensor:
+    def forward(self, stage: Student, refl: Refl, batch_size: int, g: torch.Generator, device) -> Tensor:
         picks = torch.randint(len(self.coco), (batch_size,), generator=g).tolist()
         pixels, instances = zip(*(self.coco.sample(i, self.size) for i in picks))
+        captions = [self.coco.caption(i, g) for i in picks]
         x0 = self.decoder.encode(torch.stack(pixels).to(device), g)
-        t = torch.randint(t_range[0], t_range[1] + 1, (batch_size,), generator=g).to(device)
-        x_t = add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), *schedule.coeffs(t, x0))
-        return self.loss(self.decoder(denoise(x_t, t, uncond)), list(instances))
+        i_a = refl.index_at_or_below(self.start)
+        t_a = torch.full((batch_size,), int(refl.grid[i_a]), device=device)
+        x_ta = add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), *stage.schedule.coeffs(t_a, x0))
+        cond = self.text(captions, target_size=(self.size, self.size))
+        return self.loss(self.decoder(refl.x0(stage, x_ta, i_a, cond, g)), list(instances))
 
 
 class FeedbackLoss(nn.Module):
@@ -79,8 +120,8 @@ class FeedbackLoss(nn.Module):
         super().__init__()
         self.cfg, self.rewards, self.instance = cfg, rewards, instance
 
-    def forward(self, x0: Tensor, batch: dict, denoise: Denoise, schedule: NoiseSchedule,
-                g: torch.Generator) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def forward(self, x0: Tensor, batch: dict, stage: Student, g: torch.Generator) -> tuple[dict[str, Tensor],
+                                                                                        dict[str, Tensor]]:
         """(losses, rewards): the weighted terms to sum, and the raw mean rewards to log."""
         losses, scores = {}, {}
         if self.rewards is not None and self.cfg.rewards:
@@ -90,7 +131,7 @@ class FeedbackLoss(nn.Module):
                                             {d: c.weight for d, c in self.cfg.rewards.items()})
             scores = {d: v.detach().mean() for d, v in r.items()}
         if self.instance is not None and self.cfg.instance_weight:
-            loss = self.instance(denoise, schedule, batch["uncond"], self.cfg.t_range, x0.shape[0], g, x0.device)
+            loss = self.instance(stage, stage.refl, x0.shape[0], g, x0.device)
             losses["instance"] = self.cfg.instance_weight * loss
         return losses, scores
 

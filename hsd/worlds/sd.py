@@ -79,7 +79,7 @@ class SD:
         if f.iterations or run.dmd.w_feedback:
             if f.rewards and not f.scorers:
                 raise ConfigError("feedback.rewards needs feedback.scorers: the scorer weights folder (docs/eval.md)")
-            missing = [k for k in ("solo", "coco_annotations", "coco_images") if not getattr(f, k)]
+            missing = [k for k in ("solo", "coco_annotations", "coco_images", "coco_captions") if not getattr(f, k)]
             if f.instance_weight and missing:
                 raise ConfigError(f"feedback.instance_weight > 0 needs feedback.{', feedback.'.join(missing)}")
         if not run.model.path:
@@ -101,7 +101,7 @@ class SD:
 
     def feedback_loss(self) -> FeedbackLoss:
         """The scorers named in feedback.rewards (hsd.scorers, from feedback.scorers) on VAE-decoded x'_0, and
-        with feedback.instance_weight > 0 the SOLO instance loss on COCO train images."""
+        with feedback.instance_weight > 0 the SOLO instance loss on captioned COCO train images."""
         from ..rewards.feedback import InstanceTerm, ScorerRewards, VaeDecoder
         from ..scorers.scorers import load_scorers
         f, decoder = self.cfg.feedback, VaeDecoder(self.encoder.vae)
@@ -110,8 +110,9 @@ class SD:
         if f.instance_weight:
             from ..data.coco_instances import CocoInstances
             from ..rewards.instance import InstanceLoss, load_solo
-            instance = InstanceTerm(CocoInstances(f.coco_annotations, f.coco_images),
-                                    InstanceLoss(load_solo(f.solo, f.solo_classes)), decoder, self.cfg.model.resolution)
+            instance = InstanceTerm(CocoInstances(f.coco_annotations, f.coco_images, f.coco_captions),
+                                    InstanceLoss(load_solo(f.solo, f.solo_classes)), decoder, self.cfg.model.resolution,
+                                    self.encoder.text, f.instance_start)
         return FeedbackLoss(f, rewards, instance)
 
     def report(self, made: Artefacts, out: Path, adapters: Adapters) -> str:
