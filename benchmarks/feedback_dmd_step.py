@@ -29,7 +29,7 @@ from hsd.models.components import build_components
 
 
 def fixtures(root: Path, size: str) -> list[str]:
-    """Random scorers, a random SOLO checkpoint and a one-image COCO instances file; their config overrides."""
+    """Random scorers, a random SOLO checkpoint, a one-image COCO instances file and its captions; their overrides."""
     from hsd.rewards.instance import build_solo
     from hsd.scorers.random_weights import write_random_scorers
     write_random_scorers(root / "scorers", size)
@@ -39,8 +39,10 @@ def fixtures(root: Path, size: str) -> list[str]:
         "images": [{"id": 1, "file_name": "1.jpg", "height": 480, "width": 640}], "categories": [{"id": 1}],
         "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [100, 100, 200, 150],
                          "segmentation": [[100, 100, 300, 100, 300, 250, 100, 250]]}]}))
+    (root / "captions.json").write_text(json.dumps({"annotations": [{"id": 1, "image_id": 1, "caption": "a box"}]}))
     return [f"feedback.scorers={root / 'scorers'}", f"feedback.solo={root / 'solo.safetensors'}",
-            f"feedback.coco_annotations={root / 'instances.json'}", f"feedback.coco_images={root}"]
+            f"feedback.coco_annotations={root / 'instances.json'}", f"feedback.coco_images={root}",
+            f"feedback.coco_captions={root / 'captions.json'}"]
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from hsd.diffusion.schedule import NoiseSchedule
 from hsd.lit.tscd import TSCDModule
 from hsd.models.components import build_components
 from hsd.models.conditioning import LatentEncoder, TextConditioner
-from hsd.models.discriminator import FeatureDiscriminator, feature_channels
+from hsd.models.discriminator import build_discriminator
 from hsd.models.lora import attach_lora
 
 
@@ -51,8 +51,9 @@ def measure(comps, args, micro: int, checkpointing: bool) -> tuple[float, float 
     unet.disable_gradient_checkpointing()
     if checkpointing:
         unet.enable_gradient_checkpointing()
-    cfg = load_config([], [f"tscd.stages=[{{k: 2, grid_steps: 50, w_adv: {args.w_adv}}}]", "tscd.loss=huber"])
-    disc = FeatureDiscriminator(feature_channels(unet), 64) if args.w_adv else None
+    cfg = load_config([], [f"tscd.stages=[{{k: 2, grid_steps: 48, w_adv: {args.w_adv}}}]", "tscd.loss=huber",
+                           "tscd.adv.hidden=256"])  # the SD recipe's k = 2 stage
+    disc = build_discriminator(unet, cfg.tscd.adv) if args.w_adv else None  # the recipe's: all blocks, conditioned
     enc = LatentEncoder(comps.vae, TextConditioner(comps.family, comps.text_encoders, comps.tokenizers),
                         args.resolution)
     module = TSCDModule(unet, NoiseSchedule.from_scheduler(comps.scheduler), cfg.tscd.stages[0], cfg.tscd,

@@ -25,7 +25,7 @@ from .lit.feedback import FeedbackModule
 from .lit.trainer import last_checkpoint, make_trainer
 from .lit.tscd import TSCDModule
 from .models.adapters import FAKE, FEEDBACK, PREVIOUS, TSCD, Adapters
-from .models.discriminator import FeatureDiscriminator, feature_channels
+from .models.discriminator import build_discriminator
 from .worlds import Artefacts, build_world
 
 if TYPE_CHECKING:
@@ -113,8 +113,7 @@ def tscd_stages(cfg: Run, world: World, adapters: Adapters, out: Path, parts: di
     t = cfg.tscd
     disc = None  # one discriminator for every adversarial stage, drawn right after the LoRA
     if any(s.w_adv > 0 for s in t.stages):
-        disc = FeatureDiscriminator(feature_channels(adapters.unet, t.adv.up_features), t.adv.hidden,
-                                    t.adv.conditioned)
+        disc = build_discriminator(adapters.unet, t.adv)
     plan, previous = [], None
     for i, s in enumerate(t.stages):
         artefact = out / f"lora_stage{i}_k{s.k}.safetensors"

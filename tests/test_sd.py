@@ -20,7 +20,7 @@ from hsd.lit.tscd import TSCDModule
 from hsd.losses.adversarial import d_loss, g_loss
 from hsd.models.components import ARCHS, ModelError, build_components, check_family, load_components
 from hsd.models.conditioning import LatentEncoder, TextConditioner
-from hsd.models.discriminator import FeatureDiscriminator, feature_channels, unet_features
+from hsd.models.discriminator import FeatureDiscriminator, build_discriminator, feature_channels, unet_features
 from hsd.models.lora import attach_lora, load_lora, lora_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -138,7 +138,7 @@ def _sd_module(name: str, w_adv: float = 1.0):
     cfg = load_config([], [f"tscd.stages=[{{k: 2, grid_steps: 8, iterations: 4, w_adv: {w_adv}}}]",
                            "tscd.batch_size=2", "tscd.lr=1e-3", "tscd.adv.hidden=16", "trainer.progress_bar=false",
                            "trainer.ckpt_every=2"])
-    disc = FeatureDiscriminator(feature_channels(c.unet), 16) if w_adv else None
+    disc = build_discriminator(c.unet, cfg.tscd.adv) if w_adv else None
     enc = LatentEncoder(c.vae, TextConditioner(c.family, c.text_encoders, c.tokenizers), 16)
     return TSCDModule(c.unet, NoiseSchedule.from_scheduler(c.scheduler), cfg.tscd.stages[0], cfg.tscd, seed=1,
                       encoder=enc, disc=disc), cfg

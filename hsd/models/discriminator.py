@@ -80,3 +80,8 @@ class FeatureDiscriminator(nn.Module):
                 raise ValueError("a conditioned discriminator needs the start point's features")
             feats = [torch.cat([f, s.to(f)], 1) for f, s in zip(feats, start)]
         return [h(f.float()) for h, f in zip(self.heads, feats)]
+
+
+def build_discriminator(unet, adv) -> FeatureDiscriminator:
+    """The discriminator the settings `adv` (tscd.adv: hidden, up_features, conditioned) describe, for this UNet."""
+    return FeatureDiscriminator(feature_channels(unet, adv.up_features), adv.hidden, adv.conditioned)
