@@ -30,11 +30,14 @@ def test_every_experiment_config_loads():
     for f in files:
         extra = [] if f.parent.name in ("lab", "ablations") else [
             "model.path=/models/x", "data.shards=/data/s.tar", "feedback.scorers=/models/scorers",
-            "feedback.solo=/models/solo.pth", "feedback.coco_annotations=/data/i.json", "feedback.coco_images=/data/c"]
+            "feedback.solo=/models/solo.pth", "feedback.coco_annotations=/data/i.json", "feedback.coco_images=/data/c",
+            "feedback.coco_captions=/data/captions.json"]
         cfg = load_config([str(f)], extra)
         worlds.add(cfg.world)
         assert make_strategy(cfg) is not None
-        if f.parent.name in ("sd15", "sdxl"):  # the paper's schedule: 8 -> 4 -> 2 -> 1, adversarial at 2, 1
+        if f.parent.name in ("sd15", "sdxl") and f.stem.endswith("_cfg"):  # CFG-preserving: one 8-step stage
+            assert [s.k for s in cfg.tscd.stages] == [8] and not cfg.tscd.cfg_solver
+        elif f.parent.name in ("sd15", "sdxl"):  # the paper's schedule: 8 -> 4 -> 2 -> 1, adversarial at 2, 1
             assert [s.k for s in cfg.tscd.stages] == [8, 4, 2, 1]
             assert [s.w_adv > 0 for s in cfg.tscd.stages] == [False, False, True, True]
             assert cfg.world == f.parent.name
