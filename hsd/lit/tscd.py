@@ -116,9 +116,7 @@ class TSCDModule(StageModule):
 
     def _discriminator_update(self, opt, real: Tensor, fake: Tensor, t: Tensor, cond, start, update: bool) -> None:
         with torch.no_grad(), self.teacher():  # frozen features need no graph: only the heads learn
-            feats = unet_features(self.unet, torch.cat([real, fake]), torch.cat([t, t]),
-                                  unet_kwargs(cat_cond(cond, cond)), self.cfg.adv.up_features,
-                                  not self.fsdp)  # one batched forward
+            feats = self.features(torch.cat([real, fake]), torch.cat([t, t]), cat_cond(cond, cond))  # one forward
         both = None if start is None else [torch.cat([s, s]) for s in start]
         r, f = zip(*(logit.chunk(2) for logit in self.disc(feats, both)))
         loss = d_loss(list(r), list(f), self.cfg.adv.loss)
