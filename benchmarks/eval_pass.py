@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -106,7 +107,7 @@ def reference_imagereward(weights: Path, jobs, env: Path, threads: int):
     return out["seconds"], out["scores"]
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=("tiny", "real"), default="real")
     p.add_argument("--n", type=int, default=16)
@@ -116,15 +117,17 @@ def main() -> None:
     p.add_argument("--weights", type=Path, help="default: .cache/bench-scorers-SIZE (written once)")
     p.add_argument("--reference-env", type=Path, default=ROOT / ".cache" / "ir-ref-venv")
     p.add_argument("--no-imagereward-reference", action="store_true", help="compare CLIP, Aes, PickScore only")
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
+    return p
+
+
+def prepare(args, device: str = "cpu") -> SimpleNamespace:
+    """The scorers (written once to the weights folder, loaded on `device`) and N synthetic PNGs in a fresh store."""
     weights = args.weights or ROOT / ".cache" / f"bench-scorers-{args.size}"
     if not (weights / "pickscore" / "model").exists():
         print(f"writing random-weight {args.size} scorers to {weights} ...", flush=True)
         write_random_scorers(weights, args.size)
     metrics = tuple(m for m in METRICS if not (args.no_imagereward_reference and m == "ImageReward"))
-    scorers = load_scorers(weights, metrics)
+    scorers = load_scorers(weights, metrics, device)
     out = Path(tempfile.mkdtemp())
     spec = ModelSpec(name="bench", model="(images on disk)", steps=1)
     fingerprint = weights_fingerprint(weights, metrics)
@@ -133,9 +136,23 @@ def main() -> None:
     items = [Item(i, prompts[i], i, item_key(i, prompts[i], i)) for i in range(args.n)]   # seed i, as the pass
     for it in items:
         Image.fromarray(synthetic_image(it.i, args.image_size, args.image_size).numpy()).save(store.png(it))
-    jobs = [(store.png(it), it.prompt) for it in items]
+    return SimpleNamespace(weights=weights, scorers=scorers, out=out, spec=spec, fingerprint=fingerprint,
+                           prompts=prompts, items=items, jobs=[(store.png(it), it.prompt) for it in items])
 
-    t_ours, summary = timed(lambda: evaluate_spec(spec, prompts, scorers, out, fingerprint, 0, args.batch))
+
+def hsd_pass(b: SimpleNamespace, batch: int, device: str = "cpu"):
+    """(seconds, summary) of hsd's one pass (decode once, one crop, batched scorers) over the prepared PNGs."""
+    return timed(lambda: evaluate_spec(b.spec, b.prompts, b.scorers, b.out, b.fingerprint, 0, batch, device))
+
+
+def main() -> None:
+    args = parser().parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    b = prepare(args)
+    scorers, weights, jobs, spec, fingerprint, out = b.scorers, b.weights, b.jobs, b.spec, b.fingerprint, b.out
+    items = b.items
+    t_ours, summary = hsd_pass(b, args.batch)
     stored = Store(out, spec, fingerprint).records
     records = [stored[it.key] for it in items]
     rows = []

@@ -108,7 +108,7 @@ def generation_latency(comps, args) -> tuple[float, float]:
     return statistics.median(times["hsd"]), statistics.median(times["stock"])
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", default="tiny-sd15")
     p.add_argument("--resolution", type=int, default=16)
@@ -119,7 +119,11 @@ def main() -> None:
     p.add_argument("--w-adv", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
-    args = p.parse_args()
+    return p
+
+
+def prepare(args):
+    """Random-weight components with the frozen weights in `args.frozen_dtype` and an fp32 rank-64 LoRA."""
     comps = build_components(args.arch)
     frozen = getattr(torch, args.frozen_dtype)
     comps.unet.to(frozen)
@@ -130,6 +134,12 @@ def main() -> None:
     for prm in comps.unet.parameters():
         if prm.requires_grad:
             prm.data = prm.data.float()
+    return comps
+
+
+def main() -> None:
+    args = parser().parse_args()
+    comps = prepare(args)
     print(f"{args.arch} at {args.resolution}px, {args.precision}, frozen weights {args.frozen_dtype}, "
           f"LoRA rank 64, discriminator {'on' if args.w_adv else 'off'}, device {args.device}")
     print("| micro-batch | grad. checkpointing | s/step | images/s | peak GiB |\n|---|---|---|---|---|")
