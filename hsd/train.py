@@ -18,10 +18,11 @@ import yaml
 
 from .config import save_config
 from .errors import ConfigError
-from .io import atomic_dir, atomic_path
+from .io import atomic_path
 from .lit.consistency import ConsistencyPair
 from .lit.dmd import DMDModule
 from .lit.feedback import FeedbackModule
+from .lit.sharded import save_unet
 from .lit.trainer import last_checkpoint, make_trainer
 from .lit.tscd import TSCDModule
 from .models.adapters import FAKE, FEEDBACK, PREVIOUS, TSCD, Adapters
@@ -166,8 +167,8 @@ def dmd_stage(cfg: Run, world: World, adapters: Adapters, out: Path, parts: dict
     def build(seed: int) -> DMDModule:  # draws in this order: the fake LoRA's factors, then the two copies
         if d.fake == "lora":
             adapters.attach(FAKE, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
-        gen = adapters.fused({TSCD: 1.0}).float().requires_grad_(True) if d.generator == "full" else None
-        fake = adapters.fused().float().requires_grad_(True) if d.fake == "full" else None
+        gen = _trained_copy(cfg, adapters, {TSCD: 1.0}) if d.generator == "full" else None
+        fake = _trained_copy(cfg, adapters, {}) if d.fake == "full" else None
         last = cfg.tscd.stages[-1] if cfg.tscd.stages else None  # validation: w_consistency needs a stage
         pair = ConsistencyPair(world.schedule, last.k, last.grid_steps, cfg.tscd) if d.w_consistency else None
         return DMDModule(adapters.unet, world.schedule, d, feedback_loss() if d.w_feedback else None, seed=seed,
@@ -176,13 +177,20 @@ def dmd_stage(cfg: Run, world: World, adapters: Adapters, out: Path, parts: dict
     def save(trainer: L.Trainer, module: DMDModule) -> None:
         if d.generator == "lora":
             _save_lora(cfg, trainer, adapters, TSCD, artefact, {"stage": "dmd", "timestep": str(d.timestep)})
-        elif trainer.is_global_zero:
-            with atomic_dir(artefact) as tmp:
-                module.gen_unet.save_pretrained(tmp)
+        else:  # every rank: a sharded copy is gathered to rank 0, which writes it
+            save_unet(module.gen_unet, artefact)
 
     return Stage(kind="dmd", name="dmd", folder=out / "dmd", artefact=artefact, slot=DMD_SLOT, updates=d.iterations,
                  batch_size=d.batch_size, settings=shaping_settings(cfg, "dmd"), build=build, save=save,
                  reuse=lambda: adapters.load(artefact) if d.generator == "lora" else None)
+
+
+def _trained_copy(cfg: Run, adapters: Adapters, fuse: dict[str, float]):
+    """A full fp32 copy of the UNet with `fuse` adapters fused, trainable (sharded under FSDP by the strategy)."""
+    unet = adapters.fused(fuse).float().requires_grad_(True)
+    if cfg.model.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
 
 
 def _save_lora(cfg: Run, trainer: L.Trainer, adapters: Adapters, name: str, path: Path, meta: dict) -> None:

@@ -61,6 +61,12 @@ def test_frozen_half_weights_need_autocast():
     assert load_config([], ["model.frozen_dtype=bfloat16", "trainer.precision=bf16-mixed"])
 
 
+def test_fsdp_refuses_fp16_loss_scaling():
+    with pytest.raises(ConfigError, match="16-mixed with trainer.strategy=fsdp.*use bf16-mixed"):
+        load_config([], ["trainer.strategy=fsdp", "trainer.precision=16-mixed"])
+    assert load_config([], ["trainer.strategy=fsdp", "trainer.precision=bf16-mixed"])
+
+
 def test_cli_reports_bad_key_and_missing_teacher(tmp_path):
     hsd = [sys.executable, "-m", "hsd.cli"]
     r = subprocess.run([*hsd, "lab", "tscd.lrr=1"], capture_output=True, text=True, cwd=ROOT)

@@ -30,6 +30,9 @@ def validate(run: Run) -> None:
     if run.model.frozen_dtype != "float32" and "mixed" not in run.trainer.precision:
         raise ConfigError(f"model.frozen_dtype={run.model.frozen_dtype} needs autocast: set trainer.precision to "
                           f"bf16-mixed or 16-mixed (got {run.trainer.precision!r})")
+    if run.trainer.strategy == "fsdp" and run.trainer.precision in ("16-mixed", "16"):
+        raise ConfigError("trainer.precision=16-mixed with trainer.strategy=fsdp: under FSDP hsd clips gradients "
+                          "itself, before fp16's loss scaler would unscale them; use bf16-mixed")
     if run.dmd.iterations and run.dmd.w_consistency and not t.stages:
         raise ConfigError("dmd.w_consistency > 0 keeps the last TSCD stage's loss, but tscd.stages is empty")
     _validate_feedback(run)

@@ -1,6 +1,7 @@
 """What every training stage shares: a UNet with named peft adapters (adapters off = the frozen teacher), of
 which the stage declares the ones it runs (`active`) and trains (`trained`); seeded per-batch randomness; optimizer
-steps (with FSDP's gradient averaging of unsharded tensors); and checkpoints that hold only the trained tensors.
+steps (with FSDP's gradient averaging of unsharded tensors); and checkpoints that hold only the trained tensors
+(trained full networks, `trained_copies`, are sharded under FSDP).
 TSCD, feedback and DMD subclass it and keep to their algorithm.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from ..data.batch import Batch, RawBatch, micro_batch
 from ..diffusion.schedule import NoiseSchedule, eps_to_x0
 from ..errors import HsdError, MissingPackageError
 from ..models.adapters import TSCD, Adapters
+from .sharded import is_sharded
 
 
 class CheckpointError(HsdError, KeyError):
@@ -85,13 +87,16 @@ class StageModule(L.LightningModule):
         return self.adapters.off()
 
     def _step(self, opt, clip: float = 0.0) -> None:
-        if self.fsdp and self.trainer.world_size > 1:
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
+        params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+        if self.fsdp:  # whole tensors: averaged here; sharded copies: reduce-scattered (averaged) in backward
+            if self.trainer.world_size > 1:
+                for p in params:
+                    if not is_sharded(p):
                         torch.distributed.all_reduce(p.grad)
                         p.grad /= self.trainer.world_size
-        if clip:
+            if clip:  # Lightning refuses norm clipping under FSDP; torch's takes whole and sharded tensors alike
+                torch.nn.utils.clip_grad_norm_(params, clip)
+        elif clip:
             self.clip_gradients(opt, gradient_clip_val=clip, gradient_clip_algorithm="norm")
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -99,6 +104,10 @@ class StageModule(L.LightningModule):
     # ---- checkpoints hold what training changes (+ optimizers, which Lightning adds) ----
     def trained_tensors(self) -> dict[str, Tensor]:
         raise NotImplementedError
+
+    def trained_copies(self) -> list[nn.Module]:
+        """Whole networks the stage trains (not adapters): under FSDP they are sharded (`hsd.lit.sharded`)."""
+        return []
 
     def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
         """Only the trained tensors, read directly: never the frozen weights, and no FSDP gather of them."""

@@ -148,6 +148,9 @@ class DMDModule(StageModule):
     def fake_tensors(self) -> dict[str, Tensor]:
         return self.adapters.params(FAKE) if self.fake_unet is None else dict(self.fake_unet.named_parameters())
 
+    def trained_copies(self) -> list[nn.Module]:
+        return [m for m in (self.gen_unet, self.fake_unet) if m is not None]
+
     def configure_optimizers(self):
         return [torch.optim.AdamW(self.generator_tensors().values(), lr=self.cfg.lr, weight_decay=0.0),
                 torch.optim.AdamW(self.fake_tensors().values(), lr=self.cfg.fake_lr, weight_decay=0.0)]

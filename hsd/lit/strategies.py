@@ -1,12 +1,14 @@
-"""Lightning plumbing for TSCD runs: atomic checkpoint files, and the DDP / FSDP strategies."""
+"""Lightning plumbing for training stages: atomic checkpoint files, and the DDP / FSDP strategies."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..io import atomic_path
+from . import sharded
 
 if TYPE_CHECKING:
     from ..config import Run
@@ -36,35 +38,57 @@ def fsdp_kwargs(trained: list[torch.nn.Parameter]) -> dict:
 
 
 def unet_fsdp_strategy(base):
-    """A Lightning FSDP strategy class that shards only the module's frozen UNet and checkpoints like DDP.
+    """A Lightning FSDP strategy class that shards the module's frozen UNet and its trained full copies.
 
     - It wraps the UNet alone, leaving the LightningModule bare. Lightning runs training_step inside the
       root FSDP forward, so TSCD's manual backward passes would run before that forward ends, and FSDP then
       never finalises units whose weights are all frozen (they stay in BACKWARD_PRE and the next state_dict
       fails). With the UNet as its own root, every UNet call is a whole root forward before any backward.
-    - The trained state (LoRA, EMA, discriminator, their optimizers) is a few MB and the same on every rank,
-      so it is saved and restored as DDP does: one file from rank 0 (through the atomic CheckpointIO).
+    - LoRA recipes: the trained state (LoRA, EMA, discriminator, their optimizers) is a few MB and the same on
+      every rank, so it is saved and restored as DDP does: one file from rank 0 (through the atomic CheckpointIO).
+    - Full fine-tunes (the module's `trained_copies`, e.g. DMD's one-step generator and fake score): each copy is
+      sharded with FSDP2 (`hsd.lit.sharded`), and checkpoints become folders of shards written atomically.
     """
     from lightning.pytorch.strategies import Strategy
 
     class UNetFSDPStrategy(base):
         lightning_module_state_dict = Strategy.lightning_module_state_dict
         optimizer_state = Strategy.optimizer_state
-        save_checkpoint = Strategy.save_checkpoint
-        load_checkpoint = Strategy.load_checkpoint
         remove_checkpoint = Strategy.remove_checkpoint
-        load_model_state_dict = Strategy.load_model_state_dict
-        load_optimizer_state_dict = Strategy.load_optimizer_state_dict
         lightning_restore_optimizer = Strategy.lightning_restore_optimizer  # FSDP's loads them itself: we don't
 
         def _setup_model(self, model):
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import FullyShardedDataParallel
-            if isinstance(model.unet, FullyShardedDataParallel):  # a later stage: wrapped by the first
-                return model
-            model.unet = FullyShardedDataParallel(
-                model.unet, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-                sharding_strategy=self.sharding_strategy, device_id=self.root_device.index, **self.kwargs)
+            if not isinstance(model.unet, FullyShardedDataParallel):  # a later stage: wrapped by the first
+                model.unet = FullyShardedDataParallel(
+                    model.unet, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                    sharding_strategy=self.sharding_strategy, device_id=self.root_device.index, **self.kwargs)
+            copies = model.trained_copies()
+            if copies:
+                mesh = init_device_mesh(self.root_device.type, (self.world_size,))
+                for unet in copies:
+                    sharded.shard_copy(unet, mesh, str(self.precision_plugin.precision))
             return model
+
+        def save_checkpoint(self, checkpoint, filepath, storage_options=None):
+            if not self.lightning_module.trained_copies():
+                return Strategy.save_checkpoint(self, checkpoint, filepath, storage_options)
+            sharded.save_sharded(self, checkpoint, self.lightning_module, filepath)
+
+        def load_checkpoint(self, checkpoint_path, weights_only=None):
+            if Path(checkpoint_path).is_dir():
+                return sharded.load_sharded(self, self.lightning_module, checkpoint_path, weights_only)
+            return Strategy.load_checkpoint(self, checkpoint_path, weights_only)
+
+        # a folder checkpoint has filled the tensors and optimizer states in place already
+        def load_model_state_dict(self, checkpoint, strict=True):
+            if not checkpoint.get("sharded"):
+                Strategy.load_model_state_dict(self, checkpoint, strict)
+
+        def load_optimizer_state_dict(self, checkpoint):
+            if not checkpoint.get("sharded"):
+                Strategy.load_optimizer_state_dict(self, checkpoint)
     return UNetFSDPStrategy
 
 

@@ -89,5 +89,9 @@ def _trainer(cfg: Run, sdir: Path, max_steps: int, ckpt_every: int, callbacks: l
 
 
 def last_checkpoint(sdir: Path) -> Path | None:
-    last = sdir / "checkpoints" / "last.ckpt"
-    return last if last.exists() else None
+    """The stage's last checkpoint: a file, or a folder of shards (hsd.lit.sharded). A crash between the two renames
+    that put a new folder in place leaves only the previous one, under the name hsd.io.atomic_dir gives it."""
+    for last in (sdir / "checkpoints" / "last.ckpt", sdir / "checkpoints" / ".last.ckpt.old"):
+        if last.exists():
+            return last
+    return None
