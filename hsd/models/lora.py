@@ -42,9 +42,10 @@ def lora_params(unet, adapter: str | None = None) -> dict[str, torch.Tensor]:
 def plain_unet(unet, fuse: dict[str, float] | None = None):
     """A copy of the base UNet without peft layers, with the named adapters fused at weights {adapter: w}."""
     from diffusers import UNet2DConditionModel
-    base = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
-    plain = UNet2DConditionModel.from_config(unet.config)
-    plain.load_state_dict(base)  # copies, in the base weights' dtype
+    base = {k.replace(".base_layer", ""): v.detach().clone() for k, v in unet.state_dict().items() if "lora_" not in k}
+    with torch.device("meta"):  # no random initialisation to overwrite (a minute per SDXL copy on one CPU thread)
+        plain = UNet2DConditionModel.from_config(unet.config)
+    plain.load_state_dict(base, assign=True)  # copies, in the base weights' dtype
     for adapter, w in (fuse or {}).items():
         modules, where = unet_lora(unet, adapter), f"adapter {adapter!r}"
         _fuse(_base_layers(plain, modules, where), modules, w, where)
