@@ -166,3 +166,16 @@ def test_a_crash_between_the_renames_resumes_from_the_previous_folder(tmp_path):
     assert last_checkpoint(stage) == old
     (stage / "checkpoints" / "last.ckpt").mkdir()
     assert last_checkpoint(stage) == stage / "checkpoints" / "last.ckpt"
+
+
+def test_several_nodes_without_a_launcher_are_refused(monkeypatch):
+    """The shipped recipes say 4 nodes: started by hand on one machine, Lightning would wait for the other 3."""
+    from hsd.errors import ConfigError
+    from hsd.lit.trainer import LAUNCHERS, check_launcher
+    for key in LAUNCHERS:
+        monkeypatch.delenv(key, raising=False)
+    check_launcher(1)
+    with pytest.raises(ConfigError, match="num_nodes=4, but this process was not started by srun or torchrun"):
+        check_launcher(4)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    check_launcher(4)

@@ -67,12 +67,25 @@ def make_trainer(cfg: Run, sdir: Path, max_steps: int, ckpt_every: int, callback
     the run folder under the stage's name."""
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     t = cfg.trainer
+    check_launcher(t.num_nodes)
     bar = [StageProgressBar(stage or sdir.name)] if t.progress_bar else []
     try:
         return _trainer(cfg, sdir, max_steps, ckpt_every, [*bar, *callbacks], trained)
     except MisconfigurationException as e:  # e.g. trainer.accelerator=gpu on a machine without one
         raise ConfigError(f"trainer settings (accelerator {t.accelerator!r}, devices {t.devices}, strategy "
                           f"{t.strategy!r}, precision {t.precision!r}): {str(e).splitlines()[0]}") from e
+
+
+# What a multi-node launcher leaves in the environment: SLURM's srun, torchrun, or a hand-set node rank.
+LAUNCHERS = ("SLURM_NTASKS", "TORCHELASTIC_RUN_ID", "NODE_RANK")
+
+
+def check_launcher(num_nodes: int) -> None:
+    """Several nodes need a launcher on each; started by hand, Lightning would wait for the others forever."""
+    import os
+    if num_nodes > 1 and not any(k in os.environ for k in LAUNCHERS):
+        raise ConfigError(f"trainer.num_nodes={num_nodes}, but this process was not started by srun or torchrun on "
+                          f"each node (docs/sd.md, Multi-node); on one machine set trainer.num_nodes=1")
 
 
 def _trainer(cfg: Run, sdir: Path, max_steps: int, ckpt_every: int, callbacks: list, trained) -> L.Trainer:
