@@ -1,6 +1,6 @@
 """`hsd`: the one entry point.
 
-train | generate | eval | lora | lab | lab-teacher | lab-worlds | ablate | random-model | random-scorers.
+train | memory | generate | eval | lora | lab | lab-teacher | lab-worlds | ablate | random-model | random-scorers.
 
 A user error (hsd.errors.HsdError: a bad config key or value, a missing or foreign file) prints one line,
 `hsd: error: <message>`, and exits with status 2; `hsd --debug ...` or HSD_DEBUG=1 shows its traceback.
@@ -8,6 +8,7 @@ A user error (hsd.errors.HsdError: a bad config key or value, a missing or forei
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
@@ -24,6 +25,24 @@ def cmd_train(args) -> None:
     cfg = load_config(paths, overrides)  # before the trainer: a config error costs no training
     from .train import run
     print(run(cfg))
+
+
+def cmd_memory(args) -> None:
+    from .errors import ConfigError
+    from .memory_stage import load_run, memory_report
+    paths, overrides = _split(args.items)
+    if not paths:
+        raise ConfigError("hsd memory needs a config file, e.g. hsd memory experiments/sdxl/tscd.yaml")
+    cfg = load_run(paths, overrides)
+    if args.gpus is not None and args.gpus < 1:
+        raise ConfigError(f"--gpus must be at least 1, got {args.gpus}")
+    if args.gpu_memory <= 0:
+        raise ConfigError(f"--gpu-memory must be a positive number of GiB, got {args.gpu_memory:g}")
+    if any(b < 1 for b in args.micro_batches or ()):
+        raise ConfigError(f"--micro-batches must be at least 1, got {args.micro_batches}")
+    gpus = args.gpus or cfg.trainer.devices * cfg.trainer.num_nodes
+    log = None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    print(memory_report(cfg, paths, gpus, args.gpu_memory, args.micro_batches, not args.no_activations, log))
 
 
 def cmd_lab(args) -> None:
@@ -63,6 +82,18 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("train", help="train from YAML configs and key=value overrides")
     t.add_argument("items", nargs="+", metavar="CONFIG|key=value")
     t.set_defaults(fn=cmd_train)
+    mem = sub.add_parser("memory", help="per-rank GPU memory of each stage of a config (no weights needed: the "
+                                        "architecture on the meta device, activations traced with fake tensors)")
+    mem.add_argument("items", nargs="+", metavar="CONFIG|key=value")
+    mem.add_argument("--gpus", type=int, default=None,
+                     help="total ranks (default: trainer.devices x trainer.num_nodes)")
+    mem.add_argument("--gpu-memory", type=float, default=80.0, metavar="GIB", help="memory of one GPU (default 80)")
+    mem.add_argument("--micro-batches", type=int, nargs="+", default=None, metavar="N",
+                     help="one table per micro-batch size per rank (replacing every stage's batch_size)")
+    mem.add_argument("--no-activations", action="store_true",
+                     help="weights, gradients and optimizer state only (seconds instead of minutes)")
+    mem.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    mem.set_defaults(fn=cmd_memory)
     lab = sub.add_parser("lab", help="Hyper-SD on the lab world (TSCD 8->4->2->1, feedback, DMD) and its table "
                                      "(experiments/lab/hypersd.yaml)")
     lab.add_argument("items", nargs="*", metavar="key=value")
