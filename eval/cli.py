@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hsd.errors import ConfigError, MissingFileError, run_guarded
+from hsd.errors import ConfigError, run_guarded
 
 METRIC_NAMES = ("CLIP", "Aes", "ImageReward", "PickScore")   # = hsd.scorers.scorers.METRICS, without torch
 
@@ -15,16 +15,18 @@ METRIC_NAMES = ("CLIP", "Aes", "ImageReward", "PickScore")   # = hsd.scorers.sco
 def specs_from_args(args) -> list:
     import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from hsd.io import check_input
 
     from .run import ModelSpec
     if args.spec:
         specs = []
         for path in args.spec:
-            if not Path(path).is_file():
-                raise MissingFileError(f"model spec file not found: {path}")
+            check_input(path, "model spec file", "a YAML file with a 'specs:' list (docs/eval.md)")
             try:
                 data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-            except yaml.YAMLError as e:
+            except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as e:
                 raise ConfigError(f"{path}: not a YAML file: {' '.join(str(e).split())}") from e
             if not isinstance(data, dict) or not isinstance(data.get("specs"), list):
                 raise ConfigError(f"{path}: expected a 'specs:' list of model specs")
@@ -35,6 +37,18 @@ def specs_from_args(args) -> list:
     return [ModelSpec(name=args.name or Path(args.model).name, model=args.model, steps=steps,
                       scheduler=args.scheduler, guidance=args.guidance, lora=tuple(args.lora), unet=args.unet,
                       eta=args.eta, dtype=args.dtype, size=args.size, paper=args.paper) for steps in args.steps]
+
+
+def check_spec_files(specs) -> None:
+    from hsd.io import check_input
+    for spec in specs:
+        check_input(spec.model, f"model of spec {spec.name!r}", "a diffusers pipeline folder (SD1.5 or SDXL)",
+                    "folder")
+        for path, _ in spec.lora:
+            check_input(path, f"LoRA file of spec {spec.name!r}", "a .safetensors LoRA file (diffusers or kohya)")
+        if spec.unet:
+            check_input(spec.unet, f"UNet of spec {spec.name!r}", "a diffusers UNet folder or a .safetensors file",
+                        "any")
 
 
 def prompts_from_args(args) -> list[str]:
@@ -52,10 +66,16 @@ def prompts_from_args(args) -> list[str]:
 
 def cmd_eval(args) -> None:
     """User errors (hsd.errors.HsdError) propagate to the caller's one handler: hsd's CLI or `main` below."""
+    from hsd.io import check_output, is_main_process, remove_stale_temps
+
     from .coco import prompts_sha256
     from .run import run_eval
     from .table import markdown, rows
+    check_output(args.out, "--out (the eval run folder)")
+    if is_main_process():  # the writes a killed eval left unfinished (tables, images), before this one writes
+        remove_stale_temps(args.out)
     specs = specs_from_args(args)
+    check_spec_files(specs)  # every spec's files before the first image: a later spec's typo costs no generation
     prompts = prompts_from_args(args)
     summaries = run_eval(specs, prompts, args.weights, args.out, tuple(args.metrics), args.seed,
                          args.batch_size, args.device)
@@ -64,7 +84,9 @@ def cmd_eval(args) -> None:
 
 
 def cmd_random_scorers(args) -> None:
+    from hsd.io import check_output
     from hsd.scorers.random_weights import write_random_scorers
+    check_output(args.out, "random-scorers OUT")
     print(f"wrote random-weight {args.size} scorers to {write_random_scorers(args.out, args.size, args.seed)}")
 
 

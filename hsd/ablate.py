@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import load_config
 from .errors import MissingFileError
+from .io import atomic_path
 from .lab.evaluate import COLUMNS, REFERENCE_MODELS
 from .train import run
 
@@ -95,6 +96,6 @@ def ablate(paths: list[str], seeds: list[int], overrides: list[str], out: Path, 
                 run(cfg)
             results.setdefault(name, []).append(table_rows(table))
     md = summary(results, seeds) + "\n" + comparisons(results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.md").write_text(md)
+    with atomic_path(out / "ablation.md") as tmp:
+        Path(tmp).write_text(md)
     return md

@@ -51,25 +51,38 @@ def cmd_lab(args) -> None:
 
 
 def cmd_lab_teacher(args) -> None:
+    from .errors import ConfigError
+    from .io import check_output
     from .lab.teacher import fit_teacher, save_teacher, teacher_path
     from .lab.world import WORLD_BUILDERS
+    out = check_output(args.out or teacher_path(args.world), "--out (the teacher folder)",
+                       replaces="world.safetensors")
+    if min(args.steps, args.batch) < 1:
+        raise ConfigError(f"--steps and --batch must be at least 1, got {args.steps} and {args.batch}")
     teacher = fit_teacher(WORLD_BUILDERS[args.world](), steps=args.steps, batch=args.batch, seed=args.seed)
-    print(f"saved the lab teacher to {save_teacher(teacher, args.out or teacher_path(args.world))}")
+    print(f"saved the lab teacher to {save_teacher(teacher, out)}")
 
 
 def cmd_lab_worlds(args) -> None:
+    from .errors import ConfigError
     from .lab.headroom import worlds_table
+    if not args.guidance >= 0:
+        raise ConfigError(f"--guidance must be >= 0 (1: no CFG), got {args.guidance:g}")
     print(worlds_table(args.guidance))
 
 
 def cmd_ablate(args) -> None:
     from .ablate import ablate
+    from .io import check_output
     paths, overrides = _split(args.items)
+    check_output(args.out, "--out (the ablation folder)")
     print(ablate(paths, args.seeds, overrides, Path(args.out), args.summary_only))
 
 
 def cmd_random_model(args) -> None:
+    from .io import check_output
     from .models.components import build_components
+    check_output(args.out, "random-model OUT", replaces="model_index.json")
     path = build_components(args.arch, seed=args.seed).save_pretrained(args.out)
     print(f"saved random-weight {args.arch} components to {path}")
 

@@ -34,7 +34,9 @@ def add_lora_commands(subparsers) -> None:
 
 
 def run_convert(args) -> None:
+    from .io import check_output
     from .models.lora_formats import convert_lora
+    check_output(args.out, "--out (the converted LoRA file)", "file")
     print(convert_lora(args.input, args.out, args.format))
 
 
@@ -44,8 +46,11 @@ def run_info(args) -> None:
 
 
 def run_merge(args) -> None:
+    from .io import check_output
     from .models.lora_formats import merge_loras
     paths, weights = [p for p, _ in args.inputs], [w for _, w in args.inputs]
+    check_output(args.out, "--out (the merged LoRA file)" if args.unet is None else "--out (the fused UNet folder)",
+                 "file" if args.unet is None else "folder", "" if args.unet is None else "config.json")
     if args.unet is None:
         print(merge_loras(paths, weights, args.out, args.format))
         return
@@ -53,16 +58,20 @@ def run_merge(args) -> None:
 
     unet = load_unet(args.unet)
     fuse_loras(unet, paths, weights)
-    unet.save_pretrained(args.out)
+    from .io import atomic_dir
+    with atomic_dir(args.out) as tmp:  # a failed or killed write keeps the previous folder
+        unet.save_pretrained(tmp)
     print(args.out)
 
 
 def load_unet(model_dir: Path):
     from diffusers import UNet2DConditionModel
 
+    from .models.components import loading
     for folder, subfolder in ((model_dir / "unet", "unet"), (model_dir, None)):
         if (folder / "config.json").is_file():
-            return UNet2DConditionModel.from_pretrained(model_dir, subfolder=subfolder)
+            with loading("a UNet", folder):
+                return UNet2DConditionModel.from_pretrained(model_dir, subfolder=subfolder)
     from .errors import MissingFileError
     raise MissingFileError(f"{model_dir} is neither a diffusers UNet folder (config.json) nor a pipeline folder "
                             f"(unet/config.json)")

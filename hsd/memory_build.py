@@ -117,10 +117,9 @@ def _build_parts(cfg: Run, arch: str, meta: torch.device) -> Parts:
         for name in (PREVIOUS, FEEDBACK, FAKE):
             if name in names:
                 adapters.attach(name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
-        d = cfg.dmd  # the full copies as hsd.train.dmd_stage makes them (fp32, from the UNet without adapters)
-        gen = adapters.fused({TSCD: 1.0}).float().requires_grad_(True) if d.iterations and d.generator == "full" \
-            else None
-        fake = adapters.fused().float().requires_grad_(True) if d.iterations and d.fake == "full" else None
+        d = cfg.dmd
+        gen = _trained_copy(cfg, adapters, {TSCD: 1.0}) if d.iterations and d.generator == "full" else None
+        fake = _trained_copy(cfg, adapters, {}) if d.iterations and d.fake == "full" else None
         scorers = _scorers(cfg, "tiny" if arch.startswith("tiny") else "real") if _needs_feedback_loss(cfg) else {}
     feedback = _feedback_loss(cfg, encoder, scorers) if _needs_feedback_loss(cfg) else None
     parts = Parts(cfg, c.family, unet, encoder, NoiseSchedule.from_scheduler(scheduler), adapters, disc, gen, fake,
@@ -129,6 +128,14 @@ def _build_parts(cfg: Run, arch: str, meta: torch.device) -> Parts:
         for module in modules_of(parts):
             module.to(TRUE_DTYPES[cfg.trainer.precision])
     return parts
+
+
+def _trained_copy(cfg: Run, adapters: Adapters, fuse: dict[str, float]) -> nn.Module:
+    """DMD's full copy as hsd.train._trained_copy makes it: fp32, trainable, checkpointed like the UNet."""
+    unet = adapters.fused(fuse).float().requires_grad_(True)
+    if cfg.model.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return unet
 
 
 def modules_of(parts: Parts) -> list[nn.Module]:

@@ -188,11 +188,13 @@ def compute_bytes(precision: str) -> int:
 
 def gathered(unet, per_weight: int, trained: bool) -> int:
     """FSDP's unsharded bytes while this UNet runs: the root unit, the running block and the prefetched one, and
-    for a trained copy one block's gradient before its reduce-scatter."""
+    for a trained copy one block's gradient before its reduce-scatter (in the compute dtype, and in fp32 for the
+    reduction: hsd.lit.sharded reduces in fp32)."""
     blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
     sizes = [sum(p.numel() for n, p in b.named_parameters() if "lora_" not in n) for b in blocks]
     root = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n) - sum(sizes)
-    return (root + 2 * max(sizes) + (max(sizes) if trained else 0)) * per_weight
+    grad = per_weight + (4 if per_weight != 4 else 0) if trained else 0
+    return (root + 2 * max(sizes)) * per_weight + max(sizes) * grad
 
 
 def count(module, parts: Parts, spec: StageSpec, fsdp: bool, device: str) -> Footprint:

@@ -308,7 +308,7 @@ def autocast(precision: str, device: str = "cuda"):
     if precision not in half:
         return nullcontext()
     stack = ExitStack()
-    stack.enter_context(torch.autocast("cpu", dtype=half[precision]))
+    stack.enter_context(torch.autocast("cpu", dtype=half[precision], cache_enabled=False))  # as Lightning's plugin
     if device == "cuda":
         stack.enter_context(_recompute_with_cuda_autocast())
         stack.enter_context(CudaAutocast())

@@ -17,11 +17,12 @@ import lightning as L
 import yaml
 
 from .config import save_config
-from .errors import ConfigError
-from .io import atomic_path
+from .errors import ConfigError, Interrupted
+from .io import atomic_path, check_output, is_main_process, remove_stale_temps
 from .lit.consistency import ConsistencyPair
 from .lit.dmd import DMDModule
 from .lit.feedback import FeedbackModule
+from .lit.resume import check_resumable
 from .lit.sharded import save_unet
 from .lit.trainer import last_checkpoint, make_trainer
 from .lit.tscd import TSCDModule
@@ -62,7 +63,9 @@ class Stage:
 
 def run(cfg: Run) -> str:
     """Train every stage of the plan (reusing finished ones, resuming an interrupted one), then report."""
-    out = Path(cfg.out_dir) / cfg.name
+    out = check_output(Path(cfg.out_dir) / cfg.name, "run folder (out_dir/name)")
+    if is_main_process():  # the writes a killed run left unfinished, before this one writes anything
+        remove_stale_temps(out)
     world = build_world(cfg)
     adapters = Adapters(world.unet)
     L.seed_everything(cfg.seed, verbose=False)  # the LoRA's A matrices are drawn at random
@@ -87,15 +90,34 @@ def run_stage(cfg: Run, world: World, adapters: Adapters, stage: Stage) -> None:
         return
     _write_settings(stage)
     with adapters.restoring():
+        resume = last_checkpoint(stage.folder)
+        if resume is not None:
+            check_resumable(resume)  # a torn or foreign file is named before any trainer starts
         module = stage.build(batch_seed)
         n = module.steps_per_update
         data = world.data(stage.updates * module.accumulate, batch_seed, stage.batch_size)
         trainer = make_trainer(cfg, stage.folder, stage.updates * n, cfg.trainer.ckpt_every * n, stage.callbacks,
                                list(adapters.params().values()), stage.name)
-        trainer.fit(module, datamodule=data, ckpt_path=last_checkpoint(stage.folder))
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=resume)
+        except SystemExit:  # Lightning's answer to Ctrl-C: it stops the loop, tears down and exits with status 1
+            if trainer.interrupted:
+                raise interrupted(cfg, stage, trainer.global_step // n) from None
+            raise
         adapters.unet = module.unet  # under FSDP the wrapped UNet, which later stages keep using
         stage.save(trainer, module)
         trainer.strategy.barrier()
+
+
+def interrupted(cfg: Run, stage: Stage, done: int) -> Interrupted:
+    """What Ctrl-C kept: the finished stages' artefacts and this stage's last checkpoint (never a torn one)."""
+    ckpt = last_checkpoint(stage.folder)
+    kept = (f"its last checkpoint {ckpt} (one every trainer.ckpt_every={cfg.trainer.ckpt_every} updates) is intact: "
+            f"rerun the same command to resume from it" if ckpt else
+            f"it had written no checkpoint yet (one every trainer.ckpt_every={cfg.trainer.ckpt_every} updates): rerun "
+            f"the same command to train it afresh")
+    return Interrupted(f"stage '{stage.name}' stopped by Ctrl-C after {done} of {stage.updates} updates; {kept}; "
+                       f"finished stages are kept")
 
 
 def stage_plan(cfg: Run, world: World, adapters: Adapters, out: Path) -> list[Stage]:

@@ -19,6 +19,7 @@ from hsd.models.adapters import FAKE, TSCD, Adapters
 from hsd.models.components import build_components
 from hsd.models.conditioning import LatentEncoder, TextConditioner
 from hsd.models.discriminator import build_discriminator
+from hsd.train import _trained_copy  # the copies exactly as the DMD stage makes them
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Found .* module.* in eval mode"),  # frozen parts, on purpose
               pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec.*:DeprecationWarning")]
@@ -29,12 +30,14 @@ TINY = ["world=sd15", "model.resolution=64", "model.frozen_dtype=bfloat16", "tra
 DMD = ["tscd.stages=[]", "dmd.iterations=2", "dmd.batch_size=2", "dmd.fake_updates=2", "dmd.w_mse=0.25",
        "dmd.mse_steps=3"]
 RECIPES = {  # one of each kind: TSCD (accumulating, checkpointed), TSCD + discriminator, DMD LoRA/LoRA, full/full
+    #          (checkpointed copies)
     "tscd": ["tscd.stages=[{k: 4, grid_steps: 16, iterations: 2}]", "tscd.batch_size=2", "tscd.accumulate=2",
              "model.gradient_checkpointing=true"],
     "tscd w_adv>0": ["tscd.stages=[{k: 2, grid_steps: 16, iterations: 2, w_adv: 0.5}]", "tscd.batch_size=2",
                      "tscd.adv.hidden=32"],
     "dmd lora/lora": DMD,
-    "dmd full/full": [*DMD, "dmd.generator=full", "dmd.fake=full", "dmd.timestep=800"],
+    "dmd full/full": [*DMD, "dmd.generator=full", "dmd.fake=full", "dmd.timestep=800",
+                      "model.gradient_checkpointing=true"],
 }
 
 
@@ -56,8 +59,8 @@ def real_module(cfg):
         return TSCDModule(unet, schedule, cfg.tscd.stages[0], cfg.tscd, encoder=encoder, disc=disc)
     if d.fake == "lora":
         adapters.attach(FAKE, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
-    gen = adapters.fused({TSCD: 1.0}).float().requires_grad_(True) if d.generator == "full" else None
-    fake = adapters.fused().float().requires_grad_(True) if d.fake == "full" else None
+    gen = _trained_copy(cfg, adapters, {TSCD: 1.0}) if d.generator == "full" else None
+    fake = _trained_copy(cfg, adapters, {}) if d.fake == "full" else None
     return DMDModule(unet, schedule, d, None, generator_unet=gen, fake_unet=fake, encoder=encoder)
 
 

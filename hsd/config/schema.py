@@ -169,6 +169,9 @@ class Model:
 class Data:
     shards: str = ""           # webdataset shards: paths, brace patterns, pipe: URLs
     folder: str = ""           # or a folder of images with same-stem .txt captions
+    # a sample without a caption: error (named before any weights load where it is among the first) | empty (trained
+    # on the empty prompt, counted as data/uncaptioned). ours: silent unconditional training is never the default
+    missing_captions: str = field(default="error", metadata=one_of("error", "empty"))
     crop: str = field(default="random", metadata=one_of("random", "center"))
     flip: bool = False
     num_workers: int = field(default=0, metadata=ge(0))

@@ -26,6 +26,7 @@ class RawBatch(TypedDict, total=False):
     original_size: torch.Tensor     # SDXL size conditioning (B, 2)
     crop_top_left: torch.Tensor     # (B, 2)
     skipped: int                    # undecodable samples so far on this rank
+    uncaptioned: int                # samples so far on this rank trained on the empty prompt for want of a caption
 
 
 class Batch(RawBatch):
@@ -64,11 +65,14 @@ class IndexedBatches(Dataset):
         return {**self.make_batch(index), "index": index}
 
 
+COUNTS = ("skipped", "uncaptioned")  # per-batch counts of the data's faults, reported as running totals
+
+
 class EpochLoader(DataLoader):
     """Reports the whole epoch's length while a resumed run yields only the remaining batches: Lightning
     restores how many batches of the epoch were done and ends the epoch at len(loader), so a length of only
     the remaining batches would end it early and start the loader over (repeating batches). Each batch's
-    skipped count becomes the running total, summed here since a worker only sees its own batches."""
+    skipped and uncaptioned counts become running totals, summed here since a worker only sees its own batches."""
 
     def __init__(self, dataset, **kwargs):
         super().__init__(dataset, batch_size=None, **kwargs)  # every item is a whole batch
@@ -77,10 +81,11 @@ class EpochLoader(DataLoader):
         return self.dataset.stop
 
     def __iter__(self) -> Iterator[dict]:
-        total = 0
+        totals = dict.fromkeys(COUNTS, 0)
         for batch in super().__iter__():
-            total += batch.get("skipped", 0)
-            yield {**batch, "skipped": total} if "skipped" in batch else batch
+            for key in COUNTS:
+                totals[key] += batch.get(key, 0)
+            yield {**batch, **{k: totals[k] for k in COUNTS if k in batch}}
 
 
 def rank_of(trainer: L.Trainer | None) -> tuple[int, int]:

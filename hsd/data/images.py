@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import InterpolationMode
 
 from .batch import EpochLoader, batches_done, global_index, rank_of
-from .sources import FolderSource, NoSamplesError, Sample, ShardSource, seeded
+from .sources import FolderSource, NoSamplesError, Sample, ShardSource, caption_of, seeded
 
 log = logging.getLogger("hsd.data")
 
@@ -88,12 +88,14 @@ class ImageTextBatches(IterableDataset):
     """A rank's batches start .. stop-1 (the loader runs with batch_size=None), each a dict:
     pixels (B, 3, R, R) in [-1, 1], captions (B strings), original_size and crop_top_left (B, 2) long,
     index = global_index(b, rank, world) (seeds the batch's noise: ranks draw different noise), skipped = number
-    of undecodable samples in the batch's window (each logged with its key)."""
+    of undecodable samples in the batch's window (each logged with its key), uncaptioned = samples trained on the
+    empty prompt for want of a caption (the source's missing_captions; the first one logged with its key)."""
 
     def __init__(self, source: ShardSource | FolderSource, prep: Preprocess, batch_size: int, start: int,
                  stop: int, seed: int = 0, rank: int = 0, world: int = 1):
         self.source, self.prep, self.batch_size = source, prep, batch_size
         self.start, self.stop, self.seed, self.rank, self.world = start, stop, seed, rank, world
+        self.warned = False
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -112,9 +114,14 @@ class ImageTextBatches(IterableDataset):
         good += islice(_decodable(stream.following()), self.batch_size - len(good))
         pixels, original, crop = zip(*(self.prep(s.decoded[0], seeded(self.seed, "augment", s.uid))
                                        for s in good))
-        return {"pixels": torch.stack(pixels), "captions": [s.decoded[1] for s in good],
+        uncaptioned = [s for s in good if s.decoded[1] is None]
+        if uncaptioned and not self.warned:
+            self.warned = True
+            log.warning("sample %s has no caption: it trains on the empty prompt, as will any other without one "
+                        "(data.missing_captions=empty; counted in the logs as data/uncaptioned)", uncaptioned[0].key)
+        return {"pixels": torch.stack(pixels), "captions": [caption_of(s, self.source.missing_captions) for s in good],
                 "original_size": torch.tensor(original), "crop_top_left": torch.tensor(crop),
-                "index": global_index(b, self.rank, self.world), "skipped": len(bad)}
+                "index": global_index(b, self.rank, self.world), "skipped": len(bad), "uncaptioned": len(uncaptioned)}
 
 
 class ImageTextData(L.LightningDataModule):

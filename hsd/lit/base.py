@@ -16,16 +16,10 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from ..data.batch import Batch, RawBatch, micro_batch
 from ..diffusion.schedule import NoiseSchedule, eps_to_x0
-from ..errors import HsdError, MissingPackageError
+from ..errors import MissingPackageError
 from ..models.adapters import TSCD, Adapters
+from .resume import unreadable_checkpoint
 from .sharded import is_sharded
-
-
-class CheckpointError(HsdError, KeyError):
-    """A stage checkpoint that does not hold this stage's trained tensors (another recipe's run folder)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0])
 
 
 def unet_kwargs(cond) -> dict:
@@ -119,8 +113,13 @@ class StageModule(L.LightningModule):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         own = self.trained_tensors()
         missing = sorted(set(own) - set(state_dict))
-        if missing:
-            raise CheckpointError(f"checkpoint lacks {len(missing)} of this stage's trained tensors, e.g. {missing[0]}")
+        shaped = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+        if missing or shaped:  # another recipe's or another model's checkpoint in this stage's folder
+            path = self._trainer.ckpt_path if self._trainer is not None else "the stage checkpoint"
+            why = (f"it lacks {len(missing)} of this stage's trained tensors, e.g. {missing[0]}" if missing else
+                   f"its {shaped[0]} has shape {tuple(state_dict[shaped[0]].shape)}, this stage's "
+                   f"{tuple(own[shaped[0]].shape)}")
+            raise unreadable_checkpoint(path, f"not this stage's: {why}")
         with torch.no_grad():
             for k, t in own.items():
                 t.copy_(state_dict[k])

@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from ..io import atomic_dir
+from .resume import META, check_resumable, unreadable_checkpoint
 
-META = "meta.pt"
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -102,11 +102,20 @@ def save_sharded(strategy, checkpoint: dict, module, path: str | Path) -> None:
 
 
 def load_sharded(strategy, module, path: str | Path, weights_only=None) -> dict:
-    """Fill the trained tensors and optimizer states from a folder checkpoint in place; Lightning's part returned."""
+    """Fill the trained tensors and optimizer states from a folder checkpoint in place; Lightning's part returned.
+    Lightning's part is read first: a folder without it (or not a checkpoint at all) is named before any tensor."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    check_resumable(path)
+    meta = strategy.checkpoint_io.load_checkpoint(Path(path) / META, weights_only=weights_only)
     init_optimizer_states(strategy.optimizers)
-    dcp.load(flat_state(module, strategy.optimizers), checkpoint_id=str(path))
-    return strategy.checkpoint_io.load_checkpoint(Path(path) / META, weights_only=weights_only)
+    try:
+        dcp.load(flat_state(module, strategy.optimizers), checkpoint_id=str(path))
+    except (CheckpointException, RuntimeError, ValueError, KeyError, OSError) as e:  # DCP's, for torn or foreign shards
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise unreadable_checkpoint(path, f"its shards do not load: {type(e).__name__}: {first[:200]}") from e
+    return meta
 
 
 def gathered_state(unet: nn.Module) -> dict[str, Tensor] | None:

@@ -9,17 +9,32 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..io import atomic_path
 from . import sharded
+from .resume import LIGHTNING_KEYS, check_resumable, unreadable_checkpoint
 
 if TYPE_CHECKING:
     from ..config import Run
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints go to a temp file renamed into place: a crash never leaves a torn last.ckpt."""
+    """Checkpoints go to a temp file renamed into place: a crash never leaves a torn last.ckpt, a failed write (disk
+    full) keeps the previous one. One that cannot be read back is one line naming it (`unreadable_checkpoint`)."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        with atomic_path(path) as tmp:
-            torch.save(checkpoint, tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a Python file: a failed write raises OSError
+            torch.save(checkpoint, f)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
+        import pickle
+        check_resumable(path)
+        try:
+            checkpoint = super().load_checkpoint(path, map_location, weights_only)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:  # torch.load's, for a
+            first = str(e).strip().split(". ")[0].splitlines()[0]  # torn, foreign or unreadable file: its first words
+            raise unreadable_checkpoint(path, f"{type(e).__name__}: {first}") from e
+        missing = [k for k in LIGHTNING_KEYS if not isinstance(checkpoint, dict) or k not in checkpoint]
+        if missing or ("state_dict" not in checkpoint and not checkpoint.get("sharded")):
+            raise unreadable_checkpoint(path, f"not a Lightning checkpoint: no {(missing or ['state_dict'])[0]!r}")
+        return checkpoint
 
 
 def fsdp_kwargs(trained: list[torch.nn.Parameter]) -> dict:

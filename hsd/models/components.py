@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..errors import HsdError
+from ..io import atomic_dir
 
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing")
@@ -91,8 +93,13 @@ class Components:
     scheduler: DDIMScheduler
 
     def save_pretrained(self, path: str | Path) -> Path:
-        """A diffusers pipeline folder (model_index.json + subfolders) that `load_components` reads back."""
-        path = Path(path)
+        """A diffusers pipeline folder (model_index.json + subfolders) that `load_components` reads back, written
+        atomically (a failed or killed write keeps the folder that was there)."""
+        with atomic_dir(path) as tmp:
+            self._save(tmp)
+        return Path(path)
+
+    def _save(self, path: Path) -> None:
         names = ["text_encoder", "text_encoder_2"][: len(self.text_encoders)]
         toks = ["tokenizer", "tokenizer_2"][: len(self.tokenizers)]
         for name, part in [("unet", self.unet), ("vae", self.vae), ("scheduler", self.scheduler),
@@ -108,7 +115,6 @@ class Components:
         else:
             index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
         (path / "model_index.json").write_text(json.dumps(index, indent=2))
-        return path
 
 
 PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
@@ -197,7 +203,19 @@ def _load(cls, path: Path, sub: str | None):
         raise ModelError(f"{folder} not found: {cls.__name__} weights are expected there")
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # "Loading weights" bars per text encoder: noise in a training log
-    return cls.from_pretrained(folder, local_files_only=True)
+    with loading(cls.__name__, folder):
+        return cls.from_pretrained(folder, local_files_only=True)
+
+
+@contextmanager
+def loading(what: str, where: Path):
+    """What diffusers and transformers raise for a torn or foreign config.json or weights file, as one line."""
+    from safetensors import SafetensorError
+    try:
+        yield
+    except (OSError, ValueError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"cannot load {what} from {where}: {first[:300]}") from e
 
 
 def _from_single_file(path: Path, config: str | Path) -> Components:
@@ -209,9 +227,11 @@ def _from_single_file(path: Path, config: str | Path) -> Components:
     if not unet_config.is_file():
         raise ModelError(f"model.config {config} is not a diffusers folder: {unet_config} is missing (expected the "
                          f"configs and tokenizers of the checkpoint's model, e.g. its diffusers pipeline folder)")
-    family = family_of(json.loads(unet_config.read_text()))
+    with loading("the model's configs", unet_config):
+        family = family_of(json.loads(unet_config.read_text()))
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True)
+    with loading("a single-file checkpoint", path):
+        pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True)
     enc = [pipe.text_encoder] + ([pipe.text_encoder_2] if family == "sdxl" else [])
     toks = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
     return Components(family, pipe.unet, pipe.vae, enc, toks, DDIMScheduler.from_config(pipe.scheduler.config))

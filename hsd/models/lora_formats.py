@@ -17,11 +17,10 @@ from types import SimpleNamespace
 
 import torch
 from peft.utils.other import get_pattern_key
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..errors import HsdError, MissingFileError
-from ..io import atomic_path
+from ..errors import HsdError
+from ..io import atomic_path, check_input, read_safetensors
 
 FORMATS = ("diffusers", "kohya")
 PREFIX = "unet."
@@ -147,15 +146,8 @@ def _pad_rank(m: LoraModule, rank: int) -> LoraModule:
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.is_file():
-        what = "is a folder" if path.is_dir() else "not found"
-        raise MissingFileError(f"LoRA file {what}: {path} (expected a .safetensors LoRA file in the diffusers or "
-                               f"kohya layout)")
-    try:
-        with safe_open(path, "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
-    except SafetensorError as e:
-        raise LoraFormatError(f"{path} is not a readable safetensors file ({e})") from e
+    check_input(path, "LoRA file", "a .safetensors LoRA file in the diffusers or kohya layout")
+    return read_safetensors(path, LoraFormatError)
 
 
 def _layout(key: str) -> str | None:

@@ -25,7 +25,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..errors import HsdError
-from ..io import atomic_path
+from ..io import atomic_path, check_output
 from .controlnet import CONTROLNET_FOLDER, FAMILY_NAMES, IMAGE_FILE
 
 SCHEDULERS = ("ddim", "tcd", "lcm", "default")
@@ -252,10 +252,16 @@ def read_control_image(path: str | Path) -> Image.Image:
 
 
 def read_prompts(path: Path) -> list[str]:
-    """One prompt per non-blank line."""
+    """One prompt per non-blank line (UTF-8 text)."""
     if not path.is_file():
-        raise GenerateError(f"prompt file not found: {path}")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        what = "is a folder, not a file" if path.is_dir() else "not found"
+        raise GenerateError(f"prompt file {what}: {path} (expected a UTF-8 text file, one prompt per line)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise GenerateError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start}); expected one "
+                            f"prompt per line") from e
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise GenerateError(f"prompt file {path} holds no prompts (one per line expected)")
     return prompts
@@ -264,6 +270,7 @@ def read_prompts(path: Path) -> list[str]:
 def run_generate(args) -> list[Path]:
     """Every prompt x seed, once per step count; PNGs named by prompt index, seed and steps."""
     from tqdm import tqdm
+    check_output(args.out, "--out (the image folder)")
     prompts = read_prompts(args.prompts) if args.prompts else args.prompt
     control_image = _control_args(args)      # before the models load: a bad image fails in a blink
     if args.negative_prompt is not None and args.guidance <= 1:

@@ -46,16 +46,55 @@ class SDSamples(L.Callback):
         log_image(trainer, f"samples/k{module.stage.k}_{self.steps}step", x.float().cpu(), self.captions, nrow=1)
 
 
+def check_files(cfg: Run) -> None:
+    """The run's input paths (the model's configs and VAE, the LoRA to start from, and what a configured feedback loss reads)
+    exist and are of the right kind; model.path and the data sources check their own. The loaders say what is wrong inside them."""
+    from ..io import check_input
+    m, f = cfg.model, cfg.feedback
+    wanted = [("model.config", "config folder", m.config, "a diffusers folder with the model's configs and tokenizers",
+               "folder"),
+              ("model.vae", "VAE folder", m.vae, "a diffusers AutoencoderKL folder", "folder"),
+              ("model.lora_init", "LoRA file", m.lora_init, "a .safetensors LoRA file in the diffusers or kohya layout",
+               "file")]
+    if f.iterations or cfg.dmd.w_feedback:
+        wanted += [("feedback.scorers", "scorer weights folder", f.scorers if f.rewards else "", "the layout in "
+                    "docs/eval.md", "folder")]
+        if f.instance_weight:
+            wanted += [("feedback.solo", "SOLO checkpoint", f.solo, "a SOLO R50-FPN .pth or .safetensors", "file"),
+                       ("feedback.coco_annotations", "COCO instances file", f.coco_annotations,
+                        "annotations/instances_train2017.json", "file"),
+                       ("feedback.coco_images", "COCO image folder", f.coco_images, "the train2017 images", "folder"),
+                       ("feedback.coco_captions", "COCO captions file", f.coco_captions,
+                        "annotations/captions_train2017.json", "file")]
+    for key, what, path, expected, kind in wanted:
+        if path:
+            check_input(path, what, f"{expected}, set by {key}", kind)
+
+
+def one_batch(cfg: Run) -> tuple[int, str]:
+    """The samples one step of the hungriest stage draws over all ranks, and how that number comes about."""
+    sizes = {"tscd.batch_size": cfg.tscd.batch_size if cfg.tscd.stages else 0,
+             "feedback.batch_size": cfg.feedback.batch_size if cfg.feedback.iterations else 0,
+             "dmd.batch_size": cfg.dmd.batch_size if cfg.dmd.iterations else 0}
+    key = max(sizes, key=sizes.get)
+    ranks = cfg.trainer.devices * cfg.trainer.num_nodes
+    return max(1, sizes[key]) * ranks, f"{key}={sizes[key]} x {ranks} rank(s)"
+
+
 class SD:
     """SD1.5 / SDXL from the user's local weights; image-text pairs from shards or a folder."""
 
     def __init__(self, cfg: Run):
         from ..data import FolderSource, ShardSource
+        from ..data.sources import check_enough
         from ..models.components import check_family, load_components
         from ..models.conditioning import LatentEncoder, TextConditioner
         self.cfg, m, d = cfg, cfg.model, cfg.data
-        # opened first: missing data is named before any weights load or any trainer starts
-        self.source = ShardSource(d.shards) if d.shards else FolderSource(d.folder)
+        check_files(cfg)  # every path the run will read, before any weights load or any trainer starts
+        self.source = (ShardSource(d.shards, d.missing_captions) if d.shards else
+                       FolderSource(d.folder, d.missing_captions))
+        need, why = one_batch(cfg)
+        check_enough(self.source, need, why)
         self.components = c = load_components(m.path, m.vae, m.config)
         check_family(c, cfg.world, m.path)
         frozen = getattr(torch, m.frozen_dtype)
