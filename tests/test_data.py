@@ -222,3 +222,45 @@ def test_lightning_resume_from_a_checkpoint_trains_each_batch_once(folder, tmp_p
     rest = fit(5, tmp_path / "cut", tmp_path / "cut" / "last.ckpt")
     assert [i for i, *_ in first + rest] == [0, 1, 2, 3, 4]
     assert all(a[1] == b[1] and torch.equal(a[2], b[2]) for a, b in zip(full, first + rest, strict=True))
+
+
+def test_missing_captions_policy_for_a_folder(folder):
+    from hsd.data.sources import DataError, FolderSource
+    with pytest.raises(DataError, match=r"1 of 5 images under .* have no \.txt caption \(e\.g\. .*d\.jpg\)"):
+        FolderSource(str(folder), "error")
+    dm = ImageTextData(folder=str(folder), resolution=R, batch_size=1, steps=5, seed=1)
+    dm.source = FolderSource(str(folder), "empty")
+    dm.trainer = None
+    batches = list(dm.train_dataloader())
+    assert batches[-1]["uncaptioned"] == 1  # a running total, like "skipped": d.jpg, once in the pass
+    assert [c for b in batches for c in b["captions"]].count("") == 1
+
+
+def test_missing_captions_policy_for_shards_is_applied_as_samples_are_read(tmp_path):
+    """A shard cannot be listed up front: an uncaptioned sample met mid-stream stops the run under "error"."""
+    from hsd.data.sources import DataError, ShardSource
+    with wds.TarWriter(str(tmp_path / "s.tar")) as w:
+        w.write({"__key__": "k0", "jpg": _encode(16, 16), "txt": "cap"})
+        w.write({"__key__": "k1", "jpg": _encode(16, 16, seed=1)})
+    for policy, expect in (("error", "sample .*s.tar:k1 has no caption"), ("empty", None)):
+        dm = ImageTextData(shards=str(tmp_path / "s.tar"), resolution=R, batch_size=2, steps=1)
+        dm.source, dm.trainer = ShardSource(str(tmp_path / "s.tar"), policy), None
+        if expect:
+            with pytest.raises(DataError, match=expect):
+                list(dm.train_dataloader())
+        else:
+            (batch,) = dm.train_dataloader()
+            assert batch["captions"] == ["cap", ""] and batch["uncaptioned"] == 1
+
+
+def test_check_enough_names_a_source_too_small_or_unusable(folder, tmp_path):
+    from hsd.data.sources import DataError, FolderSource, NoSamplesError, check_enough
+    source = FolderSource(str(folder), "empty")
+    check_enough(source, 4, "2 per rank")  # a, sub/b, c, d are decodable
+    with pytest.raises(DataError, match=r"holds 4 usable samples \(5 read, 1 unreadable, e\.g\. .*e\.jpg\), "
+                                        r"fewer than one batch of 6 \(3 per rank x 2\)"):
+        check_enough(source, 6, "3 per rank x 2")
+    (tmp_path / "x.jpg").write_bytes(b"junk")
+    (tmp_path / "x.txt").write_text("cap")
+    with pytest.raises(NoSamplesError, match="no usable sample in .* \\(1 read, 1 unreadable"):
+        check_enough(FolderSource(str(tmp_path), "error"), 1, "1 per rank")

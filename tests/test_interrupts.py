@@ -58,8 +58,10 @@ def baseline(tmp_path_factory) -> Path:
 
 
 def test_ctrl_c_mid_stage_then_rerun_ends_bit_identical(baseline, tmp_path):
+    # A background job of a non-interactive shell (as CI may run pytest) inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt handler: give the child the default disposition, as a terminal's foreground has.
     proc = subprocess.Popen(_hsd(tmp_path, "run"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=ENV)
+                            cwd=ROOT, env=ENV, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt = tmp_path / "run" / "stage0_k2" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:

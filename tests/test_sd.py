@@ -313,3 +313,33 @@ def test_cli_names_sdxl_settings_on_sd15_weights(images, tmp_path):
     r = _train([str(ROOT / "experiments/tiny/sd15.yaml"), f"model.path={tmp_path}/none", f"data.folder={images}",
                 f"out_dir={tmp_path}"], tmp_path)
     assert r.returncode != 0 and "model not found" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_uncaptioned_images_are_an_error_or_counted_in_every_stage(images, tmp_path):
+    """data.missing_captions: the default names an uncaptioned image before any weights load; "empty" trains it on
+    the empty prompt and every stage that reads the images logs the running count as data/uncaptioned."""
+    import csv
+    import shutil
+    folder = tmp_path / "images"
+    shutil.copytree(images, folder)
+    (folder / "0.txt").unlink()
+    model = build_components("tiny-sd15").save_pretrained(tmp_path / "model")
+    args = [str(ROOT / "experiments/tiny/sd15.yaml"), f"model.path={model}", f"data.folder={folder}",
+            f"out_dir={tmp_path}", "name=run", "trainer.logger=csv", "feedback.iterations=0", "dmd.iterations=3", "dmd.batch_size=2",
+            "tscd.stages=[{k: 1, grid_steps: 16, iterations: 3}]"]
+    refused = _train(args, tmp_path)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
+        f"hsd: error: 1 of 6 images under {folder} have no .txt caption (e.g. {folder / '0.png'}); add same-stem "
+        f".txt files, or set data.missing_captions=empty to train such samples on the empty prompt (counted and "
+        f"reported); tscd.empty_prompts is the deliberate CFG dropout")
+    r = _train([*args, "data.missing_captions=empty"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "0.png has no caption: it trains on the empty prompt" in r.stderr
+    logged = {}
+    for f in (tmp_path / "run" / "csv").rglob("metrics.csv"):
+        rows = [row for row in csv.DictReader(f.open()) if row.get("data/uncaptioned")]
+        logged[f.parent.name] = [float(row["data/uncaptioned"]) for row in rows]
+    assert set(logged) == {"stage0_k1", "dmd"}, logged
+    # one uncaptioned image in 6, batches of 2: the running total reaches 1 within 3 batches and never falls
+    assert all(v == sorted(v) and v[-1] == 1.0 for v in logged.values()), logged

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
-from ..data.batch import Batch, RawBatch, micro_batch
+from ..data.batch import COUNTS, Batch, RawBatch, micro_batch
 from ..diffusion.schedule import NoiseSchedule, eps_to_x0
 from ..errors import MissingPackageError
 from ..models.adapters import TSCD, Adapters
@@ -49,6 +49,11 @@ class StageModule(L.LightningModule):
         """Set the declared adapters running and trainable; a subclass calls it once its declaration is final
         (`hsd.train` runs each stage inside `Adapters.restoring`, so the state is put back after the stage)."""
         self.adapters.use(self.active, self.trained)
+
+    def on_train_batch_start(self, batch: RawBatch, batch_idx: int) -> None:
+        for key in COUNTS:  # the data's undecodable / uncaptioned samples so far, summed over ranks, in every stage
+            if key in batch:
+                self.log(f"data/{key}", float(batch[key]), reduce_fx="sum", sync_dist=True)
 
     def completes_update(self, batch: RawBatch) -> bool:
         """Whether this micro-batch is the last of an optimizer update (gradient accumulation)."""

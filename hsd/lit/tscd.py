@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from ..data.batch import COUNTS, Batch, RawBatch
+from ..data.batch import Batch, RawBatch
 from ..diffusion.schedule import NoiseSchedule, renoise
 from ..diffusion.solvers import cat_cond
 from ..losses.adversarial import d_loss, g_loss
@@ -84,9 +84,6 @@ class TSCDModule(StageModule):
         g = self.generator(batch)
         batch = self.encode(batch, g)
         pred, target, aux = self.tscd_pair(batch, g)
-        for key in COUNTS:  # undecodable / uncaptioned samples so far, summed over ranks
-            if key in batch:
-                self.log(f"data/{key}", float(batch[key]), reduce_fx="sum", sync_dist=True)
         update = self.completes_update(batch)
         opts = self.optimizers()
         if self.disc is None:
