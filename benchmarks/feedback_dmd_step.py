@@ -75,14 +75,13 @@ def parser() -> argparse.ArgumentParser:
 def build(args):
     """The SD world over random components saved to a temporary folder, with its config and three rank-64 LoRAs."""
     from hsd.worlds import SD
+    from hsd.worlds.sd import one_batch
     work = Path(tempfile.mkdtemp())
     with torch.device(args.build_device):
         comps = build_components(args.arch)
     world = args.arch.split("-")[-1]
     model = comps.save_pretrained(work / "model")
     del comps
-    (work / "images").mkdir()  # the world opens its data source when it is made; the stages here draw none
-    Image.new("RGB", (64, 64)).save(work / "images" / "0.png")
     cfg = load_config([], [f"world={world}", f"model.path={model}", f"data.folder={work / 'images'}",
                            f"model.resolution={args.resolution}",
                            *fixtures(work, args.scorers_size, args.scorers, not args.no_instance),
@@ -90,6 +89,10 @@ def build(args):
                            f"model.frozen_dtype={args.frozen_dtype}", f"trainer.precision={args.precision}",
                            "feedback.steps=8", "feedback.iterations=1",
                            f"dmd.fake_updates={args.fake_updates}", "dmd.w_feedback=0.0"])
+    (work / "images").mkdir()  # the world checks its data holds one batch when it is made; the stages here draw none
+    for i in range(one_batch(cfg)[0]):
+        Image.new("RGB", (64, 64)).save(work / "images" / f"{i}.png")
+        (work / "images" / f"{i}.txt").write_text("a photo")
     sd = SD(cfg)
     torch.manual_seed(0)
     lio.attach_lora(sd.unet, 64, 64)

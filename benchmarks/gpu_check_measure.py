@@ -152,10 +152,8 @@ def dmd(res: Result, p: dict, dev: str, work: Path) -> None:
     from hsd.models.adapters import TSCD, Adapters
     from hsd.train import stage_plan
     from hsd.worlds import build_world
+    from hsd.worlds.sd import one_batch
     folder, n = work / "dmd", p["warmup"] + p["steps"]
-    (folder / "images").mkdir(parents=True)
-    Image.new("RGB", (p["resolution"],) * 2, (120, 90, 60)).save(folder / "images" / "0.png")
-    (folder / "images" / "0.txt").write_text(PROMPT)
     cfg = load_config([str(ROOT / "experiments" / "sdxl" / "onestep_unet.yaml")], [
         "name=gpu_check_dmd", f"out_dir={folder / 'runs'}", f"model.path={folder / 'model'}",
         f"data.folder={folder / 'images'}", "data.num_workers=0", f"model.resolution={p['resolution']}",
@@ -163,11 +161,15 @@ def dmd(res: Result, p: dict, dev: str, work: Path) -> None:
         f"trainer.accelerator={'gpu' if dev == 'cuda' else 'cpu'}", f"trainer.strategy={p['strategy']}",
         "trainer.precision=bf16-mixed", "trainer.logger=csv", "trainer.progress_bar=false", f"dmd.iterations={n}",
         "dmd.batch_size=1", "dmd.w_feedback=0.0"])
+    (folder / "images").mkdir(parents=True)  # one batch of the plan's hungriest stage, as the world checks
+    for i in range(one_batch(cfg)[0]):
+        Image.new("RGB", (p["resolution"],) * 2, (120, 90, 60)).save(folder / "images" / f"{i}.png")
+        (folder / "images" / f"{i}.txt").write_text(PROMPT)
     res.note(f"recipe experiments/sdxl/onestep_unet.yaml: generator={cfg.dmd.generator}, fake={cfg.dmd.fake}, "
              f"timestep {cfg.dmd.timestep}, {cfg.dmd.fake_updates} fake updates, w_mse {cfg.dmd.w_mse} "
              f"({cfg.dmd.mse_steps} teacher steps), guidance {cfg.dmd.guidance}; batch 1, gradient checkpointing, "
-             f"strategy {cfg.trainer.strategy}, devices 1; dmd.w_feedback 0 (the feedback step is measured apart); one "
-             f"image in the data folder, no loader workers")
+             f"strategy {cfg.trainer.strategy}, devices 1; dmd.w_feedback 0 (the feedback step is measured apart); "
+             f"{one_batch(cfg)[0]} images in the data folder, no loader workers")
     t = time.perf_counter()
     with torch.device(dev):
         comps = hc.build_components(p["arch"])

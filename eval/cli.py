@@ -39,8 +39,11 @@ def specs_from_args(args) -> list:
                       eta=args.eta, dtype=args.dtype, size=args.size, paper=args.paper) for steps in args.steps]
 
 
-def check_spec_files(specs) -> None:
+def check_input_files(args, specs) -> None:
+    """The scorer weights and every spec's files, before the first image: a later spec's typo costs no generation."""
     from hsd.io import check_input
+    check_input(args.weights, "scorer weights folder", "the layout in docs/eval.md, e.g. from hsd random-scorers",
+                "folder")
     for spec in specs:
         check_input(spec.model, f"model of spec {spec.name!r}", "a diffusers pipeline folder (SD1.5 or SDXL)",
                     "folder")
@@ -75,7 +78,7 @@ def cmd_eval(args) -> None:
     if is_main_process():  # the writes a killed eval left unfinished (tables, images), before this one writes
         remove_stale_temps(args.out)
     specs = specs_from_args(args)
-    check_spec_files(specs)  # every spec's files before the first image: a later spec's typo costs no generation
+    check_input_files(args, specs)
     prompts = prompts_from_args(args)
     summaries = run_eval(specs, prompts, args.weights, args.out, tuple(args.metrics), args.seed,
                          args.batch_size, args.device)

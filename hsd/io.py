@@ -25,6 +25,8 @@ log = logging.getLogger("hsd.io")
 
 TEMP_MARK = ".hsd-tmp-"  # .<name>.hsd-tmp-<random>: an unfinished write of <name>
 _TEMP = re.compile(r"^\..+" + re.escape(TEMP_MARK) + r"[A-Za-z0-9_]+$")
+_OLD = TEMP_MARK + "old"
+OLD_NAME = ".{}" + _OLD  # a replaced folder, moved aside between atomic_dir's two renames: a whole copy, kept
 
 
 # ---- paths a user gives ----
@@ -114,15 +116,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp folder beside `path`; on success it replaces `path` (the old one removed after the rename)."""
+    """Yield a temp folder beside `path`; on success it replaces `path`. A folder cannot be swapped in one rename:
+    the old one is moved aside (.<name>.hsd-tmp-old), the new one renamed in, then the old one removed; a crash
+    between the two renames leaves the old one aside, where `remove_stale_temps` keeps it (a resume reads it:
+    hsd.lit.trainer.last_checkpoint) and the next write of `path` removes it."""
     path = Path(path)
     make_parent(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}"))
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{TEMP_MARK}"))  # random suffix: 8 characters
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        old = path.with_name(f".{path.name}.old")
+        old = path.with_name(OLD_NAME.format(path.name))
         if path.exists():
+            shutil.rmtree(old, ignore_errors=True)  # left by an earlier crash after its second rename
             os.replace(path, old)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
@@ -154,14 +160,14 @@ def make_parent(path: Path) -> None:
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     """Remove the temp files and folders that killed writes left under `folder` (only names with TEMP_MARK, and
-    not inside another such temp); returns what was removed. Call it from the one process that owns the folder,
-    before it writes."""
+    not inside another such temp); returns what was removed. A folder that `atomic_dir` moved aside (OLD_NAME) is a
+    whole earlier copy and is kept. Call it from the one process that owns the folder, before it writes."""
     folder, removed = Path(folder), []
     if not folder.is_dir():
         return removed
     for root, dirs, files in os.walk(folder):
         for name in [*files, *dirs]:
-            if _TEMP.match(name):
+            if _TEMP.match(name) and not name.endswith(_OLD):
                 p = Path(root) / name
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
                 removed.append(p)

@@ -118,8 +118,9 @@ def _build_parts(cfg: Run, arch: str, meta: torch.device) -> Parts:
             if name in names:
                 adapters.attach(name, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
         d = cfg.dmd
-        gen = _trained_copy(cfg, adapters, {TSCD: 1.0}) if d.iterations and d.generator == "full" else None
-        fake = _trained_copy(cfg, adapters, {}) if d.iterations and d.fake == "full" else None
+        checkpointing = cfg.model.gradient_checkpointing  # the full copies exactly as hsd.train's DMD stage makes them
+        gen = adapters.trained_copy({TSCD: 1.0}, checkpointing) if d.iterations and d.generator == "full" else None
+        fake = adapters.trained_copy({}, checkpointing) if d.iterations and d.fake == "full" else None
         scorers = _scorers(cfg, "tiny" if arch.startswith("tiny") else "real") if _needs_feedback_loss(cfg) else {}
     feedback = _feedback_loss(cfg, encoder, scorers) if _needs_feedback_loss(cfg) else None
     parts = Parts(cfg, c.family, unet, encoder, NoiseSchedule.from_scheduler(scheduler), adapters, disc, gen, fake,
@@ -128,14 +129,6 @@ def _build_parts(cfg: Run, arch: str, meta: torch.device) -> Parts:
         for module in modules_of(parts):
             module.to(TRUE_DTYPES[cfg.trainer.precision])
     return parts
-
-
-def _trained_copy(cfg: Run, adapters: Adapters, fuse: dict[str, float]) -> nn.Module:
-    """DMD's full copy as hsd.train._trained_copy makes it: fp32, trainable, checkpointed like the UNet."""
-    unet = adapters.fused(fuse).float().requires_grad_(True)
-    if cfg.model.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    return unet
 
 
 def modules_of(parts: Parts) -> list[nn.Module]:

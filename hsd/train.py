@@ -189,8 +189,9 @@ def dmd_stage(cfg: Run, world: World, adapters: Adapters, out: Path, parts: dict
     def build(seed: int) -> DMDModule:  # draws in this order: the fake LoRA's factors, then the two copies
         if d.fake == "lora":
             adapters.attach(FAKE, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
-        gen = _trained_copy(cfg, adapters, {TSCD: 1.0}) if d.generator == "full" else None
-        fake = _trained_copy(cfg, adapters, {}) if d.fake == "full" else None
+        checkpointing = cfg.model.gradient_checkpointing
+        gen = adapters.trained_copy({TSCD: 1.0}, checkpointing) if d.generator == "full" else None
+        fake = adapters.trained_copy({}, checkpointing) if d.fake == "full" else None
         last = cfg.tscd.stages[-1] if cfg.tscd.stages else None  # validation: w_consistency needs a stage
         pair = ConsistencyPair(world.schedule, last.k, last.grid_steps, cfg.tscd) if d.w_consistency else None
         return DMDModule(adapters.unet, world.schedule, d, feedback_loss() if d.w_feedback else None, seed=seed,
@@ -205,14 +206,6 @@ def dmd_stage(cfg: Run, world: World, adapters: Adapters, out: Path, parts: dict
     return Stage(kind="dmd", name="dmd", folder=out / "dmd", artefact=artefact, slot=DMD_SLOT, updates=d.iterations,
                  batch_size=d.batch_size, settings=shaping_settings(cfg, "dmd"), build=build, save=save,
                  reuse=lambda: adapters.load(artefact) if d.generator == "lora" else None)
-
-
-def _trained_copy(cfg: Run, adapters: Adapters, fuse: dict[str, float]):
-    """A full fp32 copy of the UNet with `fuse` adapters fused, trainable (sharded under FSDP by the strategy)."""
-    unet = adapters.fused(fuse).float().requires_grad_(True)
-    if cfg.model.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    return unet
 
 
 def _save_lora(cfg: Run, trainer: L.Trainer, adapters: Adapters, name: str, path: Path, meta: dict) -> None:

@@ -28,6 +28,20 @@ def lab_parts(world, teacher):
     return teacher, NoiseSchedule.from_scheduler(teacher.scheduler), emb[:-1], emb[-1:]
 
 
+@pytest.fixture(scope="module")
+def quiet_and_single_threaded():
+    """For tests of what a command prints: tiny models gain nothing from threads (see test_generate), and
+    transformers' "Loading weights" bars are progress, not errors: off, so stderr holds only what hsd prints."""
+    from transformers.utils import logging as hf_logging
+    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
+    yield
+    torch.set_num_threads(threads)
+    if bars:
+        hf_logging.enable_progress_bar()
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(2)

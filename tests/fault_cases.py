@@ -66,12 +66,14 @@ def c_generate_out_is_a_file(w, tmp):
 
 
 def _eval(w, tmp, *extra):
+    """An eval whose scorer weights folder exists (its contents are read only after the specs' files are checked)."""
+    (tmp / "scorers").mkdir(exist_ok=True)
     return ["eval", "--weights", str(tmp / "scorers"), "--out", str(tmp / "out"), *extra]
 
 
 def c_eval_weights_missing(w, tmp):
-    return (_eval(w, tmp, "--prompts", str(w.prompts), "--model", str(w.model)),
-            [f"scorer weights folder not found: {tmp / 'scorers'}"])
+    return (["eval", "--weights", str(tmp / "scorers"), "--out", str(tmp / "out"), "--prompts", str(w.prompts),
+             "--model", str(w.model)], [f"scorer weights folder not found: {tmp / 'scorers'}"])
 
 
 def c_eval_coco_garbage(w, tmp):
@@ -176,7 +178,8 @@ def c_random_model_into_a_foreign_folder(w, tmp):
 
 
 def c_lab_teacher_out_under_a_file(w, tmp):
-    return ["lab-teacher", "--world", "blocks", "--out", f"{w.file}/t", "--steps", "1"], [f"{w.file}/t cannot be created"]
+    return (["lab-teacher", "--world", "blocks", "--out", f"{w.file}/t", "--steps", "1"],
+            [f"{w.file}/t cannot be created"])
 
 
 def c_lab_teacher_zero_steps(w, tmp):

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import lightning  # noqa: F401  imported here, not inside a test: its log handler binds the stderr of that moment
 import pytest
-import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
@@ -24,18 +23,7 @@ from hsd.models.components import build_components
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_and_single_threaded():
-    """Tiny models gain nothing from threads (see test_generate). transformers' "Loading weights" bars are
-    progress, not errors: off here so stderr holds only what the error handler prints."""
-    from transformers.utils import logging as hf_logging
-    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
-    torch.set_num_threads(1)
-    hf_logging.disable_progress_bar()
-    yield
-    torch.set_num_threads(threads)
-    if bars:
-        hf_logging.enable_progress_bar()
+pytestmark = pytest.mark.usefixtures("quiet_and_single_threaded")  # conftest.py: stderr holds only hsd's lines
 
 
 @pytest.fixture(scope="module")

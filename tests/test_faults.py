@@ -28,16 +28,7 @@ LAB = ["lab.world=blocks", "tscd.stages=[{k: 2, grid_steps: 8, iterations: 2}]",
        "lab.student_steps=[1]", "trainer.ckpt_every=1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_and_single_threaded():
-    from transformers.utils import logging as hf_logging
-    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
-    torch.set_num_threads(1)
-    hf_logging.disable_progress_bar()
-    yield
-    torch.set_num_threads(threads)
-    if bars:
-        hf_logging.enable_progress_bar()
+pytestmark = pytest.mark.usefixtures("quiet_and_single_threaded")  # conftest.py: stderr holds only hsd's lines
 
 
 @pytest.fixture(autouse=True)

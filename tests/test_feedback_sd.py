@@ -59,7 +59,7 @@ def _overrides(files, model: Path, world: str) -> list[str]:
             f"feedback.coco_annotations={files['annotations']}", f"feedback.coco_images={files['coco']}",
             f"feedback.coco_captions={files['captions']}",
             "feedback.rewards={Aes: {margin: 100.0, weight: 1.0}, ImageReward: {margin: 100.0, weight: 1.0}}",
-            "feedback.instance_weight=1.0", "feedback.steps=2", "feedback.batch_size=2"]
+            "feedback.instance_weight=1.0", "feedback.steps=2", "feedback.batch_size=2", "tscd.batch_size=2"]
 
 
 @pytest.mark.parametrize("arch", ["tiny-sd15", "tiny-sdxl"])

@@ -213,3 +213,15 @@ def test_a_failed_eval_table_write_keeps_the_previous_table(tmp_path, monkeypatc
         write_tables([], tmp_path, "another", 1)
     monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_a_folder_moved_aside_by_a_crash_between_renames_is_kept_until_the_next_write(tmp_path):
+    from hsd.io import OLD_NAME, atomic_dir, remove_stale_temps
+    target, old = tmp_path / "unet", tmp_path / OLD_NAME.format("unet")
+    old.mkdir()  # the whole previous folder, moved aside; the crash came before the new one was renamed in
+    (old / "weights").write_text("previous")
+    (tmp_path / ".unet.hsd-tmp-k2j4x9aa").mkdir()  # the new one, unfinished as far as anyone can tell
+    assert remove_stale_temps(tmp_path) == [tmp_path / ".unet.hsd-tmp-k2j4x9aa"] and old.is_dir()
+    with atomic_dir(target) as new:
+        (new / "weights").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["unet"] and (target / "weights").read_text() == "new"

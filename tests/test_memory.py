@@ -19,7 +19,6 @@ from hsd.models.adapters import FAKE, TSCD, Adapters
 from hsd.models.components import build_components
 from hsd.models.conditioning import LatentEncoder, TextConditioner
 from hsd.models.discriminator import build_discriminator
-from hsd.train import _trained_copy  # the copies exactly as the DMD stage makes them
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Found .* module.* in eval mode"),  # frozen parts, on purpose
               pytest.mark.filterwarnings("ignore:.*isinstance.treespec, LeafSpec.*:DeprecationWarning")]
@@ -59,8 +58,9 @@ def real_module(cfg):
         return TSCDModule(unet, schedule, cfg.tscd.stages[0], cfg.tscd, encoder=encoder, disc=disc)
     if d.fake == "lora":
         adapters.attach(FAKE, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets)
-    gen = _trained_copy(cfg, adapters, {TSCD: 1.0}) if d.generator == "full" else None
-    fake = _trained_copy(cfg, adapters, {}) if d.fake == "full" else None
+    checkpointing = cfg.model.gradient_checkpointing  # the copies exactly as the DMD stage makes them
+    gen = adapters.trained_copy({TSCD: 1.0}, checkpointing) if d.generator == "full" else None
+    fake = adapters.trained_copy({}, checkpointing) if d.fake == "full" else None
     return DMDModule(unet, schedule, d, None, generator_unet=gen, fake_unet=fake, encoder=encoder)
 
 

@@ -326,8 +326,8 @@ def test_uncaptioned_images_are_an_error_or_counted_in_every_stage(images, tmp_p
     (folder / "0.txt").unlink()
     model = build_components("tiny-sd15").save_pretrained(tmp_path / "model")
     args = [str(ROOT / "experiments/tiny/sd15.yaml"), f"model.path={model}", f"data.folder={folder}",
-            f"out_dir={tmp_path}", "name=run", "trainer.logger=csv", "feedback.iterations=0", "dmd.iterations=3", "dmd.batch_size=2",
-            "tscd.stages=[{k: 1, grid_steps: 16, iterations: 3}]"]
+            f"out_dir={tmp_path}", "name=run", "trainer.logger=csv", "feedback.iterations=0", "dmd.iterations=3",
+            "dmd.batch_size=2", "tscd.stages=[{k: 1, grid_steps: 16, iterations: 3}]"]
     refused = _train(args, tmp_path)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines()[-1] == (
         f"hsd: error: 1 of 6 images under {folder} have no .txt caption (e.g. {folder / '0.png'}); add same-stem "

@@ -161,7 +161,7 @@ def test_folder_checkpoint_round_trip_and_a_crash_keeps_the_previous_one(tmp_pat
 
 def test_a_crash_between_the_renames_resumes_from_the_previous_folder(tmp_path):
     stage = tmp_path / "dmd"
-    old = stage / "checkpoints" / ".last.ckpt.old"  # hsd.io.atomic_dir's name for it while the new one moves in
+    old = stage / "checkpoints" / ".last.ckpt.hsd-tmp-old"  # hsd.io.atomic_dir's name for it while the new moves in
     old.mkdir(parents=True)
     assert last_checkpoint(stage) == old
     (stage / "checkpoints" / "last.ckpt").mkdir()

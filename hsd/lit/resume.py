@@ -23,8 +23,6 @@ META = "meta.pt"  # a folder checkpoint's Lightning part (hsd.lit.sharded)
 LIGHTNING_KEYS = ("pytorch-lightning_version", "loops", "global_step")
 
 
-
-
 def check_resumable(path) -> None:
     """The cheap checks, made before a Trainer is built: a checkpoint file is a whole zip (torch.save has written zip
     files since 1.6, and a torn one lacks its central directory at the end), a folder checkpoint has its meta.pt."""

@@ -24,7 +24,6 @@ from ..io import atomic_dir
 from .resume import META, check_resumable, unreadable_checkpoint
 
 
-
 def is_sharded(t: Tensor) -> bool:
     return isinstance(t, DTensor)
 

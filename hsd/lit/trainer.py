@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
 from ..errors import ConfigError, MissingPackageError
+from ..io import OLD_NAME
 from .strategies import AtomicCheckpointIO, make_strategy
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ def _trainer(cfg: Run, sdir: Path, max_steps: int, ckpt_every: int, callbacks: l
 def last_checkpoint(sdir: Path) -> Path | None:
     """The stage's last checkpoint: a file, or a folder of shards (hsd.lit.sharded). A crash between the two renames
     that put a new folder in place leaves only the previous one, under the name hsd.io.atomic_dir gives it."""
-    for last in (sdir / "checkpoints" / "last.ckpt", sdir / "checkpoints" / ".last.ckpt.old"):
+    for last in (sdir / "checkpoints" / "last.ckpt", sdir / "checkpoints" / OLD_NAME.format("last.ckpt")):
         if last.exists():
             return last
     return None

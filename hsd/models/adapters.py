@@ -155,3 +155,11 @@ class Adapters:
     def fused(self, weights: dict[str, float] | None = None):
         """A plain (peft-free) copy of the base UNet with the named adapters fused at {adapter: weight}."""
         return lora_io.plain_unet(self.unet, weights)
+
+    def trained_copy(self, weights: dict[str, float], checkpointing: bool = False):
+        """A fused copy that trains in full (DMD's full generator or fake score): fp32, trainable, with gradient
+        checkpointing when the model's is on (sharded under FSDP by the strategy)."""
+        unet = self.fused(weights).float().requires_grad_(True)
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        return unet

@@ -47,8 +47,9 @@ class SDSamples(L.Callback):
 
 
 def check_files(cfg: Run) -> None:
-    """The run's input paths (the model's configs and VAE, the LoRA to start from, and what a configured feedback loss reads)
-    exist and are of the right kind; model.path and the data sources check their own. The loaders say what is wrong inside them."""
+    """The run's input paths (the model's configs and VAE, the LoRA to start from, and what a configured feedback
+    loss reads) exist and are of the right kind; model.path and the data sources check their own. The loaders say
+    what is wrong inside them."""
     from ..io import check_input
     m, f = cfg.model, cfg.feedback
     wanted = [("model.config", "config folder", m.config, "a diffusers folder with the model's configs and tokenizers",
