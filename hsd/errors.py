@@ -16,6 +16,7 @@ from typing import Callable, NoReturn
 
 USAGE = 2  # the exit status of a user error (argparse uses it for bad arguments too)
 SIGINT_STATUS = 130  # the shells' status for a command stopped by Ctrl-C (128 + SIGINT)
+SIGTERM_STATUS = 143  # and by SIGTERM (128 + SIGTERM): kill, a scheduler's preemption or time limit
 
 
 class HsdError(Exception):
@@ -42,8 +43,12 @@ class PathError(HsdError, OSError):
 
 
 class Interrupted(HsdError):
-    """Ctrl-C: the message says what was kept and how to go on."""
-    word, status = "interrupted", SIGINT_STATUS
+    """Ctrl-C (or SIGTERM, with `status` SIGTERM_STATUS): the message says what was kept and how to go on."""
+    word = "interrupted"
+
+    def __init__(self, message: str, status: int = SIGINT_STATUS):
+        super().__init__(message)
+        self.status = status
 
 
 def os_error_line(error: OSError) -> str:

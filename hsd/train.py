@@ -17,7 +17,7 @@ import lightning as L
 import yaml
 
 from .config import save_config
-from .errors import ConfigError, Interrupted
+from .errors import SIGINT_STATUS, SIGTERM_STATUS, ConfigError, Interrupted
 from .io import atomic_path, check_output, is_main_process, remove_stale_temps
 from .lit.consistency import ConsistencyPair
 from .lit.dmd import DMDModule
@@ -100,24 +100,26 @@ def run_stage(cfg: Run, world: World, adapters: Adapters, stage: Stage) -> None:
                                list(adapters.params().values()), stage.name)
         try:
             trainer.fit(module, datamodule=data, ckpt_path=resume)
-        except SystemExit:  # Lightning's answer to Ctrl-C: it stops the loop, tears down and exits with status 1
+        except SystemExit:  # Lightning's answer to Ctrl-C and SIGTERM: it stops the loop, tears down and exits
             if trainer.interrupted:
-                raise interrupted(cfg, stage, trainer.global_step // n) from None
+                raise interrupted(cfg, stage, trainer.global_step // n, trainer.received_sigterm) from None
             raise
         adapters.unet = module.unet  # under FSDP the wrapped UNet, which later stages keep using
         stage.save(trainer, module)
         trainer.strategy.barrier()
 
 
-def interrupted(cfg: Run, stage: Stage, done: int) -> Interrupted:
-    """What Ctrl-C kept: the finished stages' artefacts and this stage's last checkpoint (never a torn one)."""
+def interrupted(cfg: Run, stage: Stage, done: int, sigterm: bool = False) -> Interrupted:
+    """What Ctrl-C or SIGTERM kept: the finished stages' artefacts and this stage's last checkpoint (never a torn
+    one). Lightning stops at the end of a batch on SIGTERM (a scheduler's preemption), at once on Ctrl-C."""
     ckpt = last_checkpoint(stage.folder)
     kept = (f"its last checkpoint {ckpt} (one every trainer.ckpt_every={cfg.trainer.ckpt_every} updates) is intact: "
             f"rerun the same command to resume from it" if ckpt else
             f"it had written no checkpoint yet (one every trainer.ckpt_every={cfg.trainer.ckpt_every} updates): rerun "
             f"the same command to train it afresh")
-    return Interrupted(f"stage '{stage.name}' stopped by Ctrl-C after {done} of {stage.updates} updates; {kept}; "
-                       f"finished stages are kept")
+    return Interrupted(f"stage '{stage.name}' stopped by {'SIGTERM' if sigterm else 'Ctrl-C'} after {done} of "
+                       f"{stage.updates} updates; {kept}; finished stages are kept",
+                       SIGTERM_STATUS if sigterm else SIGINT_STATUS)
 
 
 def stage_plan(cfg: Run, world: World, adapters: Adapters, out: Path) -> list[Stage]:

@@ -1,7 +1,7 @@
 """Interrupted and failed writes lose nothing.
 
-- Ctrl-C (SIGINT) mid-stage ends in one `hsd: interrupted:` line (status 130) with the last checkpoint intact, and
-  rerunning the command ends bit for bit where an uninterrupted run ends.
+- Ctrl-C (SIGINT) or SIGTERM mid-stage ends in one `hsd: interrupted:` line (status 130 or 143) with the last
+  checkpoint intact, and rerunning the command ends bit for bit where an uninterrupted run ends.
 - A run killed (SIGKILL) half-way through writing a checkpoint file or folder leaves a temp behind; the next run
   that owns the folder removes it (and only such temps) and still ends bit for bit where the uninterrupted run ends.
 - A write that fails (no space left) at each save point (a stage checkpoint, a LoRA export, a one-step UNet folder,
@@ -57,7 +57,10 @@ def baseline(tmp_path_factory) -> Path:
     return out / "run"
 
 
-def test_ctrl_c_mid_stage_then_rerun_ends_bit_identical(baseline, tmp_path):
+@pytest.mark.parametrize("sig, status, said", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")],
+                         ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_or_sigterm_mid_stage_then_rerun_ends_bit_identical(baseline, tmp_path, sig, status, said):
+    """SIGTERM is what kill, timeout and a scheduler's preemption send; Lightning stops at the end of the batch."""
     # A background job of a non-interactive shell (as CI may run pytest) inherits SIGINT ignored, and Python then
     # installs no KeyboardInterrupt handler: give the child the default disposition, as a terminal's foreground has.
     proc = subprocess.Popen(_hsd(tmp_path, "run"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -66,11 +69,11 @@ def test_ctrl_c_mid_stage_then_rerun_ends_bit_identical(baseline, tmp_path):
     deadline = time.monotonic() + 300
     while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     last = err.splitlines()[-1]
-    assert proc.returncode == 130 and "Traceback" not in err, err
-    assert last.startswith("hsd: interrupted: stage 'tscd k=2' stopped by Ctrl-C after ") and " of 120 updates" in last
+    assert proc.returncode == status and "Traceback" not in err, err
+    assert last.startswith(f"hsd: interrupted: stage 'tscd k=2' stopped by {said} after ") and " of 120 updates" in last
     assert f"its last checkpoint {ckpt}" in last and "rerun the same command to resume from it" in last
     assert int(last.split("after ")[1].split(" of")[0]) < 120 and not (tmp_path / "run" / LORA).exists()
     assert torch.load(ckpt, weights_only=True)["global_step"] >= 5  # whole: it loads

@@ -73,7 +73,7 @@ def _yaml_chain(path: Path, named_by: _Layer | None = None) -> list[_Layer]:
     if not path.exists():
         raise ConfigError(f"config file not found: {path} ({expected})")
     if not path.is_file():
-        raise ConfigError(f"config file {path} is a folder ({expected})")
+        raise ConfigError(f"config file {path} is {'a folder' if path.is_dir() else 'not a regular file'} ({expected})")
     try:
         text = path.read_text(encoding="utf-8")
         node, data = yaml.compose(text, Loader=yaml.SafeLoader), yaml.safe_load(text)
