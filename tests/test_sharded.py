@@ -179,3 +179,25 @@ def test_several_nodes_without_a_launcher_are_refused(monkeypatch):
         check_launcher(4)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     check_launcher(4)
+
+
+@pytest.mark.parametrize("fault", ["torn shard", "torn metadata", "no meta.pt"])
+def test_a_corrupt_folder_checkpoint_is_one_line_and_left_as_it_is(tmp_path, fault):
+    from hsd.lit.resume import ResumeError
+    module, path = _Module(), tmp_path / "checkpoints" / "last.ckpt"
+    strategy = _strategy(module)
+    _step(module, strategy)
+    sharded.save_sharded(strategy, {"global_step": 1, "state_dict": {}, "optimizer_states": [{"param_groups": []}]},
+                         module, path)
+    victim = {"torn shard": next(path.glob("*.distcp")), "torn metadata": path / ".metadata",
+              "no meta.pt": path / "meta.pt"}[fault]
+    if fault == "no meta.pt":
+        victim.unlink()
+    else:
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    with pytest.raises(ResumeError, match=rf"resume checkpoint {path} cannot be read \(.*\); it was left as it is: "
+                                          rf"move it aside \(mv {path} {path}.bad\)") as err:
+        fresh = _Module()
+        sharded.load_sharded(_strategy(fresh), fresh, path)
+    assert "\n" not in str(err.value) and {p.name: p.read_bytes() for p in path.iterdir()} == before

@@ -112,8 +112,9 @@ def load_sharded(strategy, module, path: str | Path, weights_only=None) -> dict:
     try:
         dcp.load(flat_state(module, strategy.optimizers), checkpoint_id=str(path))
     except (CheckpointException, RuntimeError, ValueError, KeyError, OSError) as e:  # DCP's, for torn or foreign shards
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise unreadable_checkpoint(path, f"its shards do not load: {type(e).__name__}: {first[:200]}") from e
+        cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+        first = (str(cause).strip().splitlines() or ["cut short"])[0]  # a rank's own error, not DCP's list of ranks
+        raise unreadable_checkpoint(path, f"its shards do not load: {type(cause).__name__}: {first[:200]}") from e
     return meta
 
 
