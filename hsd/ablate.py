@@ -1,9 +1,10 @@
-"""Run experiment configs over seeds; summarise their lab tables as mean ± std per row, and compare every arm with
-the first one: the difference of means and whether it exceeds two standard errors."""
+"""Run experiment configs over seeds; summarise their lab tables as mean ± std per row (the reference rows with
+their own spread over the per-seed evaluation sets), and compare every arm with the first one, paired by seed:
+the mean difference with its confidence interval, p of the paired t-test and q (Benjamini-Hochberg across the
+table's cells; hsd.stats). Only what survives the FDR is bold."""
 from __future__ import annotations
 
 import csv
-import math
 import statistics
 from pathlib import Path
 
@@ -11,19 +12,32 @@ from .config import load_config
 from .errors import MissingFileError
 from .io import atomic_path
 from .lab.evaluate import COLUMNS, REFERENCE_MODELS
+from .stats import Paired, paired, with_q
 from .train import run
 
 HEADS = {c: h for c, h, _ in COLUMNS}
 COMPARED = ["swd", "swd_ode", "mmd", "precision", "recall", "dispersion", "traj_err", "traj_teacher"]
+FDR = 0.05
 Key = tuple[str, int, str]
 
 
+def is_reference(key: Key) -> bool:
+    """The exact rows and the teacher: the same in every arm of one seed (they depend on the evaluation set only)."""
+    return key[0] in ("Teacher", *REFERENCE_MODELS)
+
+
+def compared(key: Key) -> bool:
+    """Rows tested against the first arm: not the reference rows, and not the stage rows, which are tested under
+    their paper's name ("LoRA for k steps"), so that no cell is counted twice in the FDR."""
+    return not is_reference(key) and not key[0].startswith("TSCD stage k=")
+
+
 def table_rows(table_csv: Path) -> dict[Key, dict[str, float]]:
-    """{(model, steps, sampler): metrics} of one run's table.csv, without the teacher and reference rows (equal in
-    every run), plus the paper's use of each LoRA: ("LoRA for k steps", k, sampler) = the stage-k LoRA at k steps,
-    or the final LoRA at k steps where no stage had k segments (one-stage CTM / CD)."""
+    """{(model, steps, sampler): metrics} of one run's table.csv, plus the paper's use of each LoRA:
+    ("LoRA for k steps", k, sampler) = the stage-k LoRA at k steps, or the final LoRA at k steps where no stage
+    had k segments (the one-stage Eq. 7 arm, CD)."""
     with open(table_csv) as f:
-        rows = [r for r in csv.DictReader(f) if r["model"] not in ("Teacher", *REFERENCE_MODELS)]
+        rows = list(csv.DictReader(f))
     out = {(r["model"], int(r["steps"]), r["scheduler"]): {c: float(r[c]) for c, _, _ in COLUMNS if r.get(c)}
            for r in rows}
     for (model, steps, sampler), values in list(out.items()):
@@ -39,44 +53,63 @@ def _mean_std(v: list[float]) -> tuple[float, float]:
 
 
 def summary(results: dict[str, list[dict[Key, dict[str, float]]]], seeds: list[int]) -> str:
+    """Mean ± sample std per row; the reference rows once (from the first arm), then each arm's own rows."""
     cols = [c for c, _, _ in COLUMNS]
-    lines = [f"Mean ± sample std over seeds {seeds}", "",
+    lines = [f"Mean ± sample std over seeds {seeds} (each seed its own evaluation set)", "",
              "| Config | Model | Steps | Sampler | " + " | ".join(HEADS[c] for c in cols) + " |",
              "|---|---|---|---|" + "---|" * len(cols)]
+    first = next(iter(results))
     for name, per_seed in results.items():
         for key in per_seed[0]:
+            if is_reference(key) and name != first:
+                continue
             cells = []
             for c in cols:
                 v = [r[key][c] for r in per_seed if c in r.get(key, {})]
                 cells.append("{:.4f} ± {:.4f}".format(*_mean_std(v)) if v else "")
-            lines.append(f"| {name} | {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+            label = "reference" if is_reference(key) else name
+            lines.append(f"| {label} | {key[0]} | {key[1] or '—'} | {key[2]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def comparisons(results: dict[str, list[dict[Key, dict[str, float]]]]) -> str:
-    """Every other arm against the first: mean difference (other − first) ± 2 standard errors of the difference;
-    `*` where |difference| > 2 SE (Welch), i.e. it exceeds the seed-to-seed noise."""
+def paired_tests(results: dict[str, list[dict[Key, dict[str, float]]]]) -> dict[tuple[str, Key, str], Paired]:
+    """Every (other arm, row, metric) against the first arm, paired by seed, with q over all of them."""
+    names = list(results)
+    base, cells = names[0], {}
+    for other in names[1:]:
+        for key in results[base][0]:
+            if not compared(key) or key not in results[other][0]:
+                continue
+            for c in COMPARED:
+                pairs = [(a[key][c], b[key][c]) for a, b in zip(results[base], results[other])
+                         if c in a.get(key, {}) and c in b.get(key, {})]
+                if len(pairs) >= 2:
+                    cells[(other, key, c)] = paired(*map(list, zip(*pairs)))
+    return dict(zip(cells, with_q(list(cells.values()))))
+
+
+def fmt(t: Paired, alpha: float = FDR) -> str:
+    """+0.0123 [-0.0020, +0.0266] p=0.031 q=0.080, bold when q <= alpha."""
+    cell = f"{t.mean:+.4f} [{t.low:+.4f}, {t.high:+.4f}] p={t.p:.3f} q={t.q:.3f}"
+    return f"**{cell}**" if t.significant(alpha) else cell
+
+
+def comparisons(results: dict[str, list[dict[Key, dict[str, float]]]], alpha: float = FDR) -> str:
     names = list(results)
     if len(names) < 2:
         return ""
-    base = names[0]
-    lines = [f"Differences against {base} (other − {base}, ± 2 SE; * = exceeds 2 SE)", "",
+    base, tests = names[0], paired_tests(results)
+    n = len(results[base])
+    lines = [f"Differences against {base} (other − {base}, paired by seed, n = {n}): mean [95 % CI, t with "
+             f"{n - 1} df], p of the paired t-test, q = Benjamini-Hochberg over the {len(tests)} cells of this "
+             f"table; **bold** = q ≤ {alpha:g}", "",
              "| Arm | Model | Steps | Sampler | " + " | ".join(HEADS[c] for c in COMPARED) + " |",
              "|---|---|---|---|" + "---|" * len(COMPARED)]
     for other in names[1:]:
         for key in results[base][0]:
-            if key not in results[other][0]:
+            if not compared(key) or key not in results[other][0]:
                 continue
-            cells = []
-            for c in COMPARED:
-                a = [r[key][c] for r in results[base] if c in r.get(key, {})]
-                b = [r[key][c] for r in results[other] if c in r.get(key, {})]
-                if len(a) < 2 or len(b) < 2:
-                    cells.append("")
-                    continue
-                (ma, sa), (mb, sb) = _mean_std(a), _mean_std(b)
-                se = math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b))
-                cells.append(f"{mb - ma:+.4f} ± {2 * se:.4f}{' *' if abs(mb - ma) > 2 * se else ''}")
+            cells = [fmt(tests[(other, key, c)], alpha) if (other, key, c) in tests else "" for c in COMPARED]
             lines.append(f"| {other} | {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

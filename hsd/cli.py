@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     lw = sub.add_parser("lab-worlds", help="list the lab worlds with their headroom (exact-score few-step error)")
     lw.add_argument("--guidance", type=float, default=3.0, help="CFG scale of the sampler and the exact ODE")
     lw.set_defaults(fn=cmd_lab_worlds)
-    ab = sub.add_parser("ablate", help="run configs over seeds and compare their final students")
+    ab = sub.add_parser("ablate", help="run configs over seeds; compare each arm with the first, paired by seed "
+                                       "(t-test, false-discovery rate controlled)")
     ab.add_argument("items", nargs="+", metavar="CONFIG|key=value")
     ab.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ab.add_argument("--out", default="runs/ablation")

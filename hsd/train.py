@@ -94,6 +94,7 @@ def run_stage(cfg: Run, world: World, adapters: Adapters, stage: Stage) -> None:
         if resume is not None:
             check_resumable(resume)  # a torn or foreign file is named before any trainer starts
         module = stage.build(batch_seed)
+        module.grad_norms_every = cfg.trainer.grad_norms_every
         n = module.steps_per_update
         data = world.data(stage.updates * module.accumulate, batch_seed, stage.batch_size)
         trainer = make_trainer(cfg, stage.folder, stage.updates * n, cfg.trainer.ckpt_every * n, stage.callbacks,
@@ -219,8 +220,8 @@ def _save_lora(cfg: Run, trainer: L.Trainer, adapters: Adapters, name: str, path
 # ---- the settings that shape a stage: a rerun into the same folder must not change them ----
 # Keys that shape no stage's result: names and places, logging, speed and memory, the report's own settings.
 COSMETIC = ("name", "out_dir", "trainer.accelerator", "trainer.strategy", "trainer.progress_bar", "trainer.log_every",
-            "trainer.ckpt_every", "trainer.logger", "data.num_workers", "data.sample_prompts",
-            "model.gradient_checkpointing", "feedback.merge_weights")
+            "trainer.ckpt_every", "trainer.logger", "trainer.grad_norms_every", "data.num_workers",
+            "data.sample_prompts", "model.gradient_checkpointing", "feedback.merge_weights")
 REPORT_ONLY = "lab."  # the lab's evaluation settings; lab.world and lab.teacher, the model, shape every stage
 SHAPING_LAB = ("lab.world", "lab.teacher")
 # How an unfinished stage's batches are split: they matter to resuming it, not to reusing a finished artefact.

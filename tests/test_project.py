@@ -92,3 +92,27 @@ def test_cli_starts_without_heavy_imports():
     code = "import sys; from hsd.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert r.stdout.strip().endswith("False"), r.stdout + r.stderr
+
+
+def _lab_block(path: Path) -> dict[tuple[str, str, str], dict[str, str]]:
+    """{(model, steps, sampler): {column header: cell}} of the table between a file's lab-table markers."""
+    text = path.read_text()
+    begin, end = "<!-- lab-table: begin", "<!-- lab-table: end -->"
+    assert begin in text and end in text, f"{path.name}: no lab-table block"
+    lines = [ln for ln in text.split(begin)[1].split(end)[0].splitlines() if ln.startswith("|")]
+    heads = [c.strip() for c in lines[0].strip("|").split("|")]
+    out = {}
+    for ln in lines[2:]:
+        cells = [c.strip() for c in ln.strip("|").split("|")]
+        out[tuple(cells[:3])] = dict(zip(heads[3:], cells[3:]))
+    return out
+
+
+def test_readme_lab_table_is_docs_lab_tables_run():
+    """Both come from one run (scripts/lab_tables.py): every README cell equals docs/lab.md's."""
+    readme, docs = _lab_block(ROOT / "README.md"), _lab_block(ROOT / "docs/lab.md")
+    assert len(readme) >= 10
+    for key, cells in readme.items():
+        assert key in docs, f"README row {key} is not in docs/lab.md's table"
+        for head, cell in cells.items():
+            assert docs[key][head] == cell, f"{key} {head}: README {cell}, docs/lab.md {docs[key][head]}"

@@ -73,3 +73,33 @@ def test_an_unfinished_stage_may_resume_longer_but_not_otherwise_changed(tmp_pat
     with pytest.raises(ConfigError, match="already holds stage 'tscd k=4'"):
         refuse_changed_settings([stage("tscd.stages.1.iterations=9")])
     refuse_changed_settings([stage("trainer.devices=2")])  # a finished LoRA is reused on any number of devices
+
+
+def test_every_stage_logs_each_loss_terms_gradient_norm(tmp_path):
+    """grad/<term> (trainer.grad_norms_every): TSCD's MSE and adversarial terms, the feedback reward, DMD's
+    distribution-matching and consistency terms, each the norm of its own gradient over the trained tensors."""
+    stages = "tscd.stages=[{k: 2, grid_steps: 16, iterations: 2, w_adv: 0.5}]"
+    main(["train", "experiments/lab/hypersd.yaml", *TINY, stages, "tscd.adv.hidden=8", "feedback.iterations=2",
+          "feedback.batch_size=4", "dmd.iterations=2", "dmd.batch_size=4", "dmd.fake_updates=1",
+          "dmd.w_consistency=1", "lab.world=blocks", "trainer.grad_norms_every=1", "trainer.logger=csv",
+          "feedback.merge_weights=[1]",
+          f"out_dir={tmp_path}", "name=g"])
+
+    def logged(stage):
+        rows = list(csv.DictReader(open(tmp_path / "g" / "csv" / stage / "metrics.csv")))
+        return {k: float(r[k]) for r in rows for k in r if k.startswith("grad/") and r[k]}
+
+    assert logged("stage0_k2").keys() == {"grad/mse", "grad/adv"}
+    assert logged("feedback").keys() == {"grad/reward"}
+    assert logged("dmd").keys() == {"grad/dmd", "grad/consistency"}
+    assert all(v > 0 for stage in ("stage0_k2", "feedback", "dmd") for v in logged(stage).values())
+
+
+def test_the_ema_target_refuses_names_the_network_does_not_have():
+    import torch
+
+    from hsd.models.ema import EMA
+    net = torch.nn.Linear(2, 2)
+    assert set(EMA({"weight": net.weight}).tensors_for(net)) == {"weight"}
+    with pytest.raises(KeyError, match="1 of 2 tensors are not parameters.*'_fsdp_wrapped_module.bias'"):
+        EMA({"weight": net.weight, "_fsdp_wrapped_module.bias": net.bias}).tensors_for(net)

@@ -148,6 +148,9 @@ class Lab:
     teacher_steps: int = field(default=25, metadata=within(1, T))
     student_steps: list[int] = field(default_factory=lambda: [1, 2, 4, 8], metadata=within(1, T))
     tcd_eta: float = field(default=0.3, metadata=within(0, 1))
+    # the evaluation set's seed (noise, exact sets, directions: hsd.lab.evaluate.eval_seeds); -1: the run's seed, so
+    # the spread over seeds includes the evaluation draw and arms with one seed are paired (ours, issue 22)
+    eval_seed: int = field(default=-1, metadata=ge(-1))
 
 
 @dataclass
@@ -187,6 +190,9 @@ class Trainer:
     precision: str = field(default="32-true", metadata=one_of(*PRECISIONS))  # 32-true | bf16-mixed | bf16-true |
     #                                                                          16-mixed
     log_every: int = field(default=25, metadata=ge(1))
+    # log grad/<term>, each loss term's gradient norm over the trained tensors, every N batches (0: off; one extra
+    # backward per term on those batches; single-process runs). ours: issue 22, weights judged by gradient
+    grad_norms_every: int = field(default=10, metadata=ge(0))
     ckpt_every: int = field(default=100, metadata=ge(1))
     progress_bar: bool = True
     logger: str = field(default="tensorboard", metadata=one_of(*LOGGERS))

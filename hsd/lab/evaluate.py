@@ -56,21 +56,33 @@ def sample(unet, scheduler, x_T, cond, uncond=None, w: float = 1.0, steps: int =
     return x
 
 
-class LabEvaluator:
-    """Fixed eval noise and labels; its exact ODE endpoints; what exact data looks like (`Truth`); and the metrics
-    of any (UNet, scheduler, steps). `teacher_reference` (the teacher's many-step solve from the same noise) is
-    set by the first teacher row and adds the traj_teacher column to every row after it."""
+def eval_seeds(seed: int) -> dict[str, int]:
+    """Independent seeds of the evaluation set's three draws (the evaluation noise, the exact sets behind the
+    distances with their projection directions, TCD's re-noising) from one evaluation seed (ours): runs with
+    the same seed share the set, so arms compare paired by seed, and the spread over seeds includes its draw."""
+    import numpy as np
 
-    def __init__(self, world: LabWorld, teacher: Teacher, cfg: Lab, seed: int = 1234):
+    states = np.random.SeedSequence([seed, 0x4C4142]).generate_state(3)  # 0x4C4142: "LAB", a fixed salt
+    return dict(zip(("noise", "truth", "tcd"), (int(v) for v in states)))
+
+
+class LabEvaluator:
+    """The evaluation set of one seed (noise, labels, exact truth sets: `eval_seeds`); its exact ODE endpoints;
+    what exact data looks like (`Truth`); and the metrics of any (UNet, scheduler, steps). `teacher_reference`
+    (the teacher's many-step solve from the same noise) is set by the first teacher row and adds the traj_teacher
+    column to every row after it."""
+
+    def __init__(self, world: LabWorld, teacher: Teacher, cfg: Lab, seed: int = 0):
         self.world, self.teacher, self.cfg = world, teacher, cfg
-        g = torch.Generator().manual_seed(seed)
+        self.seeds = eval_seeds(seed)
+        g = torch.Generator().manual_seed(self.seeds["noise"])
         self.labels = torch.arange(world.n_classes).repeat_interleave(cfg.eval_per_class)
         self.x_T = torch.randn(len(self.labels), *world.shape, generator=g)
         emb = teacher.encode(world.prompts + [""])
         self.cond, self.uncond = emb[self.labels], emb[-1:].expand(len(self.labels), -1, -1)
         self.alpha_bar_T = float(teacher.scheduler.alphas_cumprod[-1])
         self.ode = self.exact(self.x_T)
-        self.truth = Truth.measure(world, self.labels)
+        self.truth = Truth.measure(world, self.labels, seed=self.seeds["truth"])
         self.teacher_reference: torch.Tensor | None = None
         self._generator = g
 
@@ -103,7 +115,7 @@ class LabEvaluator:
         if kind == "ddim":
             label = "DDIM trailing"
         elif kind == "tcd":
-            kw = {"eta": self.cfg.tcd_eta, "generator": torch.Generator().manual_seed(0)}
+            kw = {"eta": self.cfg.tcd_eta, "generator": torch.Generator().manual_seed(self.seeds["tcd"])}
             label = f"TCD eta={self.cfg.tcd_eta}"
         else:
             ts, label = [timestep], f"LCM t={timestep}"

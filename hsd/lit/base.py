@@ -44,6 +44,23 @@ class StageModule(L.LightningModule):
 
     steps_per_update = 1  # optimizer steps per batch (Lightning's global_step counts every one)
     accumulate = 1
+    grad_norms_every = 0  # trainer.grad_norms_every, set by hsd.train: log each loss term's gradient norm
+
+    def log_grad_norms(self, terms: dict[str, Tensor], params, batch: RawBatch) -> None:
+        """grad/<term>: the norm of each weighted loss term's gradient over the trained tensors, every
+        `grad_norms_every` batches. A weight is judged by the gradient its term contributes, not by its loss
+        value. One extra backward per term (graph retained); single-process runs only: under DDP/FSDP,
+        autograd.grad bypasses the gradient reducers."""
+        every = self.grad_norms_every
+        if not every or int(batch["index"]) % every or self.trainer.world_size > 1:
+            return
+        params = [p for p in params if p.requires_grad]
+        for name, term in terms.items():
+            if not term.requires_grad:
+                continue
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            norm = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))
+            self.log(f"grad/{name}", norm)
 
     def use_adapters(self) -> None:
         """Set the declared adapters running and trainable; a subclass calls it once its declaration is final

@@ -113,6 +113,7 @@ class DMDModule(StageModule):
         if self.feedback is not None and self.cfg.w_feedback:
             fb, rewards = self.feedback(x0, batch, self, g)
             losses |= {k: self.cfg.w_feedback * v for k, v in fb.items()}
+        self.log_grad_norms(losses, self.generator_tensors().values(), batch)
         loss = torch.stack(list(losses.values())).sum()
         self.manual_backward(loss)
         self._step(opt_g, self.cfg.grad_clip)

@@ -42,6 +42,7 @@ class FeedbackModule(StageModule):
         g = self.generator(batch)
         batch = self.encode(batch, g)
         losses, rewards = self.loss(self.x0_from_noise(batch, g), batch, self, g)
+        self.log_grad_norms(losses, self.adapters.params(FEEDBACK).values(), batch)
         loss = torch.stack(list(losses.values())).sum()
         self.manual_backward(loss)
         self._step(self.optimizers(), self.cfg.grad_clip)

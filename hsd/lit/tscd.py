@@ -18,7 +18,7 @@ from ..data.batch import Batch, RawBatch
 from ..diffusion.schedule import NoiseSchedule, renoise
 from ..diffusion.solvers import cat_cond
 from ..losses.adversarial import d_loss, g_loss
-from ..losses.consistency import tscd_loss
+from ..losses.consistency import tscd_terms
 from ..models.adapters import PREVIOUS
 from ..models.adapters import TSCD as ADAPTER
 from ..models.discriminator import FeatureDiscriminator, unet_features
@@ -54,7 +54,8 @@ class TSCDModule(StageModule):
             return self.eps(x, t, cond)
 
     def ema_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
-        return functional_call(self.unet, self.ema.tensors(), (x, t), unet_kwargs(cond), strict=False).sample
+        target = self.ema.tensors_for(self.unet)  # every name checked once: strict=False would skip unknown ones
+        return functional_call(self.unet, target, (x, t), unet_kwargs(cond), strict=False).sample
 
     def tscd_pair(self, batch: Batch, g: torch.Generator) -> tuple[Tensor, Tensor, dict]:
         """(student prediction, target), both projected to t_end (Eq. 14), and the draws that made them."""
@@ -87,14 +88,14 @@ class TSCDModule(StageModule):
         update = self.completes_update(batch)
         opts = self.optimizers()
         if self.disc is None:
-            return self._generator_update(opts, pred, target, None, update)
+            return self._generator_update(opts, pred, target, None, update, batch)
         t_adv = self._renoise_times(aux["t_end"], g)
         z_fake, z_real = (torch.randn(pred.shape, generator=g).to(pred) for _ in range(2))  # each its own noise
         noisy = lambda x, z: renoise(self.schedule, x, aux["t_end"], t_adv, z)  # noqa: E731  q(x_t' | x_t_end)
         cond, start = aux["cond"], self.start_features(aux)
         adv = lambda p, _: g_loss(self.logits(noisy(p, z_fake), t_adv, cond, start), self.cfg.adv.loss)  # noqa: E731
         self.toggle_optimizer(opts[0])
-        loss = self._generator_update(opts[0], pred, target, adv, update)
+        loss = self._generator_update(opts[0], pred, target, adv, update, batch)
         self.untoggle_optimizer(opts[0])
         self.toggle_optimizer(opts[1])
         self._discriminator_update(opts[1], noisy(target, z_real), noisy(pred.detach(), z_fake), t_adv, cond, start,
@@ -102,9 +103,11 @@ class TSCDModule(StageModule):
         self.untoggle_optimizer(opts[1])
         return loss
 
-    def _generator_update(self, opt, pred: Tensor, target: Tensor, adv, update: bool) -> Tensor:
+    def _generator_update(self, opt, pred: Tensor, target: Tensor, adv, update: bool, batch: RawBatch) -> Tensor:
         s = self.stage
-        loss = tscd_loss(pred, target, s.w_mse, self.cfg.loss, self.cfg.huber_c, s.w_adv, adv)
+        terms = tscd_terms(pred, target, s.w_mse, self.cfg.loss, self.cfg.huber_c, s.w_adv, adv)
+        self.log_grad_norms(terms, self.adapters.params(ADAPTER).values(), batch)
+        loss = sum(terms.values())
         self.manual_backward(loss / self.cfg.accumulate)
         if update:
             self._step(opt, self.cfg.grad_clip)

@@ -17,16 +17,19 @@ def distance(pred: Tensor, target: Tensor, kind: str = "mse", huber_c: float = 1
     raise ValueError(f"loss kind must be 'mse' or 'huber', got {kind!r}")
 
 
-def tscd_loss(pred: Tensor, target: Tensor, w_mse: float = 1.0, kind: str = "mse", huber_c: float = 1e-3,
-              w_adv: float = 0.0, adversarial: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
-    """Eq. 14: d(Psi(x_tn, eps_theta, t_n -> t_end), Psi(x_hat_tprev, eps_ema, t_prev -> t_end)).
-
-    d = w_mse * MSE (or Huber) + w_adv * adversarial(pred, target); the adversarial hook is the
-    generator side of a discriminator loss (the SD worlds provide one; the lab has none).
-    """
-    loss = w_mse * distance(pred, target.detach(), kind, huber_c)
+def tscd_terms(pred: Tensor, target: Tensor, w_mse: float = 1.0, kind: str = "mse", huber_c: float = 1e-3,
+               w_adv: float = 0.0, adversarial: Callable[[Tensor, Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+    """Eq. 14's terms, weighted: {"mse": w_mse * MSE (or Huber), "adv": w_adv * adversarial(pred, target)} between
+    Psi(x_tn, eps_theta, t_n -> t_end) and Psi(x_hat_tprev, eps_ema, t_prev -> t_end). The adversarial hook is
+    the generator side of a discriminator loss (present where w_adv > 0)."""
+    terms = {"mse": w_mse * distance(pred, target.detach(), kind, huber_c)}
     if w_adv > 0:
         if adversarial is None:
             raise ValueError("w_adv > 0 needs an adversarial hook (a discriminator); none is configured")
-        loss = loss + w_adv * adversarial(pred, target.detach())
-    return loss
+        terms["adv"] = w_adv * adversarial(pred, target.detach())
+    return terms
+
+
+def tscd_loss(*args, **kwargs) -> Tensor:
+    """Eq. 14's distance d = the sum of `tscd_terms`."""
+    return sum(tscd_terms(*args, **kwargs).values())

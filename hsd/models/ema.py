@@ -9,6 +9,7 @@ class EMA(nn.Module):
     def __init__(self, params: dict[str, Tensor]):
         super().__init__()
         self.names = list(params)
+        self._checked = False
         for n, p in params.items():
             self.register_buffer(_key(n), p.detach().clone())
 
@@ -26,6 +27,18 @@ class EMA(nn.Module):
 
     def tensors(self) -> dict[str, Tensor]:
         return {n: getattr(self, _key(n)) for n in self.names}
+
+    def tensors_for(self, module: nn.Module) -> dict[str, Tensor]:
+        """`tensors()`, after checking that every name is one of module's parameters. torch.func.functional_call
+        with strict=False (needed: the EMA holds the LoRA tensors only) ignores unknown names, so a renamed key
+        (e.g. a wrapper's prefix) would silently make the target the online student."""
+        if not self._checked:
+            unknown = sorted(set(self.names) - {n for n, _ in module.named_parameters()})
+            if unknown:
+                raise KeyError(f"EMA target: {len(unknown)} of {len(self.names)} tensors are not parameters of "
+                               f"the network it replaces (first: {unknown[0]!r})")
+            self._checked = True
+        return self.tensors()
 
 
 def _key(name: str) -> str:

@@ -67,7 +67,7 @@ class LabReward(nn.Module):
 
 
 class LabSamples(L.Callback):
-    """At the end of a stage, log k-step student samples from fixed noise to the logger."""
+    """At the end of a stage, log k-step student samples from the evaluation noise to the logger."""
 
     def __init__(self, evaluator: LabEvaluator, steps: int):
         self.evaluator, self.steps = evaluator, steps
@@ -90,7 +90,8 @@ class Lab:
         self.unet, self.encoder = teacher.unet, None
         self.schedule = NoiseSchedule.from_scheduler(teacher.scheduler)
         self.emb = teacher.encode(self.world.prompts + [""])
-        self.evaluator = LabEvaluator(self.world, teacher, cfg.lab)
+        eval_seed = cfg.seed if cfg.lab.eval_seed < 0 else cfg.lab.eval_seed
+        self.evaluator = LabEvaluator(self.world, teacher, cfg.lab, eval_seed)
 
     @staticmethod
     def check(run: Run) -> None:
