@@ -29,16 +29,27 @@ class EMA(nn.Module):
         return {n: getattr(self, _key(n)) for n in self.names}
 
     def tensors_for(self, module: nn.Module) -> dict[str, Tensor]:
-        """`tensors()`, after checking that every name is one of module's parameters. torch.func.functional_call
-        with strict=False (needed: the EMA holds the LoRA tensors only) ignores unknown names, so a renamed key
-        (e.g. a wrapper's prefix) would silently make the target the online student."""
+        """`tensors()`, after checking that every name resolves to a tensor of module the way
+        torch.func.functional_call resolves it (attribute by attribute, so FSDP1's wrappers, which forward
+        attribute access to the module they wrap, resolve too). functional_call with strict=False (needed: the EMA
+        holds the LoRA tensors only) ignores unknown names, so a renamed key would silently make the target the
+        online student."""
         if not self._checked:
-            unknown = sorted(set(self.names) - {n for n, _ in module.named_parameters()})
+            unknown = [n for n in self.names if not _resolves(module, n)]
             if unknown:
                 raise KeyError(f"EMA target: {len(unknown)} of {len(self.names)} tensors are not parameters of "
                                f"the network it replaces (first: {unknown[0]!r})")
             self._checked = True
         return self.tensors()
+
+
+def _resolves(module: nn.Module, name: str) -> bool:
+    path, _, leaf = name.rpartition(".")
+    try:
+        owner = module.get_submodule(path) if path else module
+    except AttributeError:
+        return False
+    return isinstance(getattr(owner, leaf, None), Tensor)
 
 
 def _key(name: str) -> str:
