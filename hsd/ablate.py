@@ -5,10 +5,11 @@ table's cells; hsd.stats). Only what survives the FDR is bold."""
 from __future__ import annotations
 
 import csv
+import logging
 import statistics
 from pathlib import Path
 
-from .config import load_config
+from .config import config_yaml, load_config
 from .errors import MissingFileError
 from .io import atomic_path
 from .lab.evaluate import COLUMNS, REFERENCE_MODELS
@@ -19,6 +20,7 @@ HEADS = {c: h for c, h, _ in COLUMNS}
 COMPARED = ["swd", "swd_ode", "mmd", "precision", "recall", "dispersion", "traj_err", "traj_teacher"]
 FDR = 0.05
 Key = tuple[str, int, str]
+log = logging.getLogger("hsd.ablate")
 
 
 def is_reference(key: Key) -> bool:
@@ -114,6 +116,16 @@ def comparisons(results: dict[str, list[dict[Key, dict[str, float]]]], alpha: fl
     return "\n".join(lines) + "\n"
 
 
+def finished(folder: Path, cfg) -> bool:
+    """A run folder whose table is written under exactly this config (its config.yaml, saved when the run began):
+    reused as it is, without loading a model, so a sweep spans sessions by keeping (or committing) these two files."""
+    saved = folder / "config.yaml"
+    done = (folder / "table.csv").exists() and saved.exists() and saved.read_text() == config_yaml(cfg)
+    if done:
+        log.info("reusing the finished run %s", folder)
+    return done
+
+
 def ablate(paths: list[str], seeds: list[int], overrides: list[str], out: Path, summary_only: bool = False) -> str:
     """Train (or reuse) every config at every seed as out/<config>_seed<S>, then summarise. `summary_only` reads
     the tables already there (arms run as separate, parallel `hsd ablate` calls into one out folder)."""
@@ -125,7 +137,7 @@ def ablate(paths: list[str], seeds: list[int], overrides: list[str], out: Path, 
             table = out / cfg.name / "table.csv"
             if summary_only and not table.exists():
                 raise MissingFileError(f"{table} not found: run `hsd ablate {p} --seeds {seed} --out {out}` first")
-            if not summary_only:
+            if not summary_only and not finished(out / cfg.name, cfg):
                 run(cfg)
             results.setdefault(name, []).append(table_rows(table))
     md = summary(results, seeds) + "\n" + comparisons(results)

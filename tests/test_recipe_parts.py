@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 
 from hsd.config import load_config
 from hsd.diffusion.solvers import cfg as apply_cfg
-from hsd.diffusion.solvers import ddim_step
 from hsd.lab.teacher import load_teacher, teacher_path
 from hsd.lit.consistency import with_empty_prompts
 from hsd.lit.tscd import TSCDModule
@@ -49,11 +48,11 @@ def test_pair_applies_cfg_only_with_the_cfg_solver_and_a_base_teacher(cfg_solver
     else:  # the conditional teacher alone
         assert torch.equal(te.t, t_n) and torch.equal(te.x, x_tn) and torch.equal(te.cond, batch["cond"])
         eps = f(x_tn, t_n, batch["cond"])
-    x_prev = ddim_step(SCHED, x_tn, eps, t_n, t_prev)
+    x_prev = SCHED.jump(x_tn, eps, t_n, t_prev)
     torch.testing.assert_close(ta.x, x_prev, rtol=1e-5, atol=1e-5)  # the target starts where the teacher landed
-    torch.testing.assert_close(tgt, ddim_step(SCHED, x_prev, target.fn(x_prev, t_prev, batch["cond"]), t_prev,
+    torch.testing.assert_close(tgt, SCHED.jump(x_prev, target.fn(x_prev, t_prev, batch["cond"]), t_prev,
                                               t_end), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(pred, ddim_step(SCHED, x_tn, student.fn(x_tn, t_n, batch["cond"]), t_n, t_end))
+    torch.testing.assert_close(pred, SCHED.jump(x_tn, student.fn(x_tn, t_n, batch["cond"]), t_n, t_end))
     # the CFG and the plain teacher land on different points: the switch matters
     (_, other, _), *_ = _run_pair(_pair(f"tscd.cfg_solver={'false' if cfg_rows else 'true'}"), batch)
     assert (other - tgt).abs().max() > 1e-3
@@ -137,8 +136,8 @@ def test_previous_teacher_is_the_previous_adapter_alone(world):
     assert (prev - base).abs().max() > 1e-3 and (prev - student).abs().max() > 1e-3
     m = TSCDModule(unet, SCHED, cfg.stages[0], cfg, previous=True)
     with torch.no_grad():
-        torch.testing.assert_close(m.teacher_eps(x, t, cond), prev, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(m.student_eps(x, t, cond), student, rtol=1e-4, atol=1e-5)  # state put back
+        torch.testing.assert_close(m.teacher_out(x, t, cond), prev, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m.student_out(x, t, cond), student, rtol=1e-4, atol=1e-5)  # state put back
     assert not m.pair.guided  # guidance is folded into a distilled stage: no CFG even with the CFG solver
     # the pair's gradient reaches the student's LoRA only, never the frozen previous one
     batch = LabData(world, emb[:-1], emb[-1:], 4, 1).make_batch(0)
@@ -148,7 +147,7 @@ def test_previous_teacher_is_the_previous_adapter_alone(world):
     assert sum(p.grad.abs().sum() for p in lio.lora_params(unet, TSCD).values()) > 0
     m = TSCDModule(unet, SCHED, cfg.stages[0], cfg, previous=False)
     with torch.no_grad():
-        torch.testing.assert_close(m.teacher_eps(x, t, cond), base, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m.teacher_out(x, t, cond), base, rtol=1e-4, atol=1e-5)
     assert m.pair.guided
 
 
@@ -212,7 +211,7 @@ def test_ema_decay_zero_is_the_online_target(world):
     assert all(torch.equal(m.ema.tensors()[n], p.detach()) for n, p in live.items())  # ...and the EMA is it
     x, t = torch.randn(4, 3, 8, 8), torch.tensor([999, 500, 250, 10])
     with torch.no_grad():
-        torch.testing.assert_close(m.ema_eps(x, t, emb[:4]), m.student_eps(x, t, emb[:4]))
+        torch.testing.assert_close(m.ema_out(x, t, emb[:4]), m.student_out(x, t, emb[:4]))
 
 
 def test_ema_of_lora_factors_is_not_the_ema_of_their_product():

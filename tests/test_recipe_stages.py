@@ -39,7 +39,7 @@ def _table(path):
 
 
 def test_discriminator_step_renoises_real_and_fake_with_their_own_noise(world, monkeypatch):
-    import hsd.lit.tscd as tscd_mod
+    from hsd.diffusion.schedule import NoiseSchedule
     teacher = load_teacher(teacher_path("blocks"))
     L.seed_everything(0, verbose=False)
     Adapters(teacher.unet).attach(TSCD, 4, 4)
@@ -49,12 +49,12 @@ def test_discriminator_step_renoises_real_and_fake_with_their_own_noise(world, m
     assert [h.net[2].in_channels for h in disc.heads] == [2 * c for c in (32, 64, 64, 64, 32)]
     m = TSCDModule(teacher.unet, SCHED, cfg.stages[0], cfg, seed=2, disc=disc)
     calls, starts = [], []
-    renoise = tscd_mod.renoise
+    renoise = NoiseSchedule.renoise
 
     def recording_renoise(sched, x, t_from, t_to, z):
         calls.append(SimpleNamespace(x=x, t_from=t_from.clone(), t_to=t_to.clone(), z=z.clone()))
         return renoise(sched, x, t_from, t_to, z)
-    monkeypatch.setattr(tscd_mod, "renoise", recording_renoise)
+    monkeypatch.setattr(NoiseSchedule, "renoise", recording_renoise)
     forward = disc.forward
     monkeypatch.setattr(disc, "forward", lambda feats, start=None: starts.append(start) or forward(feats, start))
     heads = {n: p.detach().clone() for n, p in disc.named_parameters()}
@@ -206,7 +206,7 @@ class FakeStudent:
         self.weight = torch.nn.Parameter(torch.tensor(0.5))
         self.eps_calls, self.denoise_calls = [], []
 
-    def student_eps(self, x, t, cond):
+    def student_out(self, x, t, cond):
         self.eps_calls.append(SimpleNamespace(x=x.clone(), t=t.clone(), cond=cond, grad=torch.is_grad_enabled()))
         return 0.1 * x
 

@@ -159,3 +159,22 @@ def test_two_identical_lab_arms_show_no_significant_cell(tmp_path):
     rows = [ln for ln in md.split("Differences against")[1].splitlines() if ln.startswith("| same_b |")]
     assert rows and "**" not in "".join(rows)
     assert all("p=1.000" in cell for ln in rows for cell in ln.split("|")[5:-1])
+
+
+def test_ablate_reuses_a_finished_seed_only_under_the_same_config(tmp_path, monkeypatch):
+    """A run folder with its table.csv and a config.yaml equal to the config of this call is reused without training
+    (a sweep spans sessions by keeping those two files); any other setting trains again."""
+    import hsd.ablate as ab
+    config = Path(__file__).resolve().parents[1] / "experiments/lab/tscd.yaml"
+    tiny = ["lab.world=blocks", "tscd.stages=[{k: 2, grid_steps: 8, iterations: 2}]", "tscd.batch_size=8",
+            "lab.eval_per_class=2", "lab.student_steps=[1]", "trainer.progress_bar=false", "lab.teacher_steps=4"]
+    out = tmp_path / "runs"
+    first = ab.ablate([str(config)], [0], tiny, out)
+    for p in (out / "tscd_seed0").iterdir():  # keep only what a commit keeps
+        if p.name not in ("table.csv", "config.yaml"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    calls = []
+    monkeypatch.setattr(ab, "run", lambda cfg: calls.append(cfg.name))
+    assert ab.ablate([str(config)], [0], tiny, out) == first and calls == []
+    ab.ablate([str(config)], [0], [*tiny, "lora.rank=2"], out)
+    assert calls == ["tscd_seed0"]

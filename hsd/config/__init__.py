@@ -12,8 +12,8 @@ of them (tscd.stages.N) and mappings of them (feedback.rewards.NAME); rules that
 from __future__ import annotations
 
 from ..errors import ConfigError
-from .loading import load_config, save_config
+from .loading import config_yaml, load_config, save_config
 from .schema import DMD, TSCD, Adversarial, Data, Feedback, Lab, Lora, Model, Reward, Run, Stage, Trainer
 
 __all__ = ["DMD", "TSCD", "Adversarial", "ConfigError", "Data", "Feedback", "Lab", "Lora", "Model", "Reward", "Run",
-           "Stage", "Trainer", "load_config", "save_config"]
+           "Stage", "Trainer", "config_yaml", "load_config", "save_config"]

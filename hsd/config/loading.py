@@ -62,9 +62,14 @@ def _forget(origins: dict[str, str], key: str) -> dict[str, str]:
     return {k: v for k, v in origins.items() if k != key and not k.startswith(key + ".")}
 
 
+def config_yaml(run: Run) -> str:
+    """The whole resolved config as YAML: what a run folder's config.yaml holds."""
+    return OmegaConf.to_yaml(OmegaConf.structured(run))
+
+
 def save_config(run: Run, path: Path) -> None:
     with atomic_path(path) as tmp:  # a run folder never holds a torn config.yaml
-        Path(tmp).write_text(OmegaConf.to_yaml(OmegaConf.structured(run)))
+        Path(tmp).write_text(config_yaml(run))
 
 
 def _yaml_chain(path: Path, named_by: _Layer | None = None) -> list[_Layer]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..diffusion.solvers import guided_eps
+from ..diffusion.solvers import guided
 from ..io import atomic_path
 from ..pipelines.generate import recipe_scheduler
 from .metrics import Truth, metrics
@@ -51,7 +51,7 @@ def sample(unet, scheduler, x_T, cond, uncond=None, w: float = 1.0, steps: int =
     x = x_T.clone()
     for t in scheduler.timesteps:
         tt = t.expand(x.shape[0])
-        eps = guided_eps(eps_fn, x, tt, cond, uncond, w) if w != 1 else eps_fn(x, tt, cond)
+        eps = guided(eps_fn, x, tt, cond, uncond, w) if w != 1 else eps_fn(x, tt, cond)
         x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
     return x
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import torch
 
 from ..diffusion.schedule import NoiseSchedule
-from ..diffusion.solvers import ddim_step
 from .ode import exact_ode
 from .teacher import lab_scheduler
 from .world import WORLD_BUILDERS, LabWorld
@@ -26,8 +25,8 @@ def exact_ddim(world: LabWorld, x_T: torch.Tensor, labels: torch.Tensor, w: floa
     x = x_T.double()
     for t, s in zip(ts[:-1], ts[1:]):
         a, sigma = (c.flatten() for c in schedule.coeffs(torch.full((len(x),), t), x))
-        x = ddim_step(schedule, x, world.cfg_eps(x, a, sigma, labels, w), torch.full((len(x),), t),
-                      torch.full((len(x),), s))
+        x = schedule.jump(x, world.cfg_eps(x, a, sigma, labels, w), torch.full((len(x),), t),
+                          torch.full((len(x),), s))
     return x
 
 

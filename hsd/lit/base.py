@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ..data.batch import COUNTS, Batch, RawBatch, micro_batch
-from ..diffusion.schedule import NoiseSchedule, eps_to_x0
+from ..diffusion.schedule import NoiseSchedule
 from ..errors import MissingPackageError
 from ..models.adapters import TSCD, Adapters
 from .resume import unreadable_checkpoint
@@ -83,20 +83,21 @@ class StageModule(L.LightningModule):
     def encode(self, batch: RawBatch, g: torch.Generator) -> Batch:
         return batch if self.encoder is None else self.encoder(batch, g)
 
-    def eps(self, x: Tensor, t: Tensor, cond, unet: nn.Module | None = None) -> Tensor:
-        return (unet or self.unet)(x, t, **unet_kwargs(cond)).sample
+    def out(self, x: Tensor, t: Tensor, cond, unet: nn.Module | None = None) -> Tensor:
+        """The network's output at (x, t): eps (VP) or the velocity (flow); the schedule says what it is given as t."""
+        return (unet or self.unet)(x, self.schedule.model_time(t), **unet_kwargs(cond)).sample
 
-    def student_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
+    def student_out(self, x: Tensor, t: Tensor, cond) -> Tensor:
         """The network being trained (the UNet with its active adapters, unless a stage trains a copy)."""
-        return self.eps(x, t, cond)
+        return self.out(x, t, cond)
 
     def denoise(self, x_t: Tensor, t: Tensor, cond) -> Tensor:
         """One student step with gradient: x0 predicted from x_t (t [B])."""
-        return eps_to_x0(x_t, self.student_eps(x_t, t, cond), *self.schedule.coeffs(t, x_t))
+        return self.schedule.x0(x_t, self.student_out(x_t, t, cond), t)
 
-    def teacher_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
+    def teacher_out(self, x: Tensor, t: Tensor, cond) -> Tensor:
         with self.teacher():
-            return self.eps(x, t, cond)
+            return self.out(x, t, cond)
 
     def teacher(self):
         """Context: the UNet runs as the frozen teacher (every adapter off), restored on exit."""

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from ..data.batch import Batch
-from ..diffusion.schedule import NoiseSchedule, add_noise
+from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.segments import ddim_grid, sample_times
-from ..diffusion.solvers import EpsFn, ddim_step, teacher_step
+from ..diffusion.solvers import NetFn, teacher_step
 
 if TYPE_CHECKING:
     from ..config import TSCD
@@ -37,8 +37,8 @@ class ConsistencyPair:
         self.guided = guided and cfg.cfg_solver
         self.grid = ddim_grid(schedule.T, grid_steps)  # CPU: times are drawn with a CPU generator
 
-    def __call__(self, batch: Batch, g: torch.Generator, student: EpsFn, teacher: EpsFn,
-                 target: EpsFn) -> tuple[Tensor, Tensor, dict]:
+    def __call__(self, batch: Batch, g: torch.Generator, student: NetFn, teacher: NetFn,
+                 target: NetFn) -> tuple[Tensor, Tensor, dict]:
         c = self.cfg
         x0, cond, uncond = batch["x0"], batch["cond"], batch["uncond"]
         B, dev = x0.shape[0], x0.device
@@ -50,12 +50,12 @@ class ConsistencyPair:
         w = c.guidance_min + (c.guidance_max - c.guidance_min) * torch.rand(B, generator=g)
         if c.empty_prompts:  # PCM's proportion_empty_prompts: the student also learns the unconditional flow
             cond = with_empty_prompts(cond, uncond, torch.rand(B, generator=g) < c.empty_prompts)
-        x_tn = add_noise(x0, noise, *self.schedule.coeffs(t_n, x0))
+        x_tn = self.schedule.noise(x0, noise, t_n)
         with torch.no_grad():
             if self.guided:
                 x_prev = teacher_step(self.schedule, teacher, x_tn, t_n, t_prev, cond, uncond, w.to(dev))
             else:
-                x_prev = ddim_step(self.schedule, x_tn, teacher(x_tn, t_n, cond), t_n, t_prev)
-            tgt = ddim_step(self.schedule, x_prev, target(x_prev, t_prev, cond), t_prev, t_end)
-        pred = ddim_step(self.schedule, x_tn, student(x_tn, t_n, cond), t_n, t_end)
+                x_prev = self.schedule.jump(x_tn, teacher(x_tn, t_n, cond), t_n, t_prev)
+            tgt = self.schedule.jump(x_prev, target(x_prev, t_prev, cond), t_prev, t_end)
+        pred = self.schedule.jump(x_tn, student(x_tn, t_n, cond), t_n, t_end)
         return pred, tgt, {"x_tn": x_tn, "t_n": t_n, "t_prev": t_prev, "t_end": t_end, "w": w, "cond": cond}

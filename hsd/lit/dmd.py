@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..data.batch import RawBatch
-from ..diffusion.schedule import NoiseSchedule, add_noise, eps_to_x0
+from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.segments import inference_timesteps
-from ..diffusion.solvers import guided_eps, teacher_step
+from ..diffusion.solvers import guided, teacher_step
 from ..losses.consistency import distance
 from ..losses.dmd import dmd_loss, fake_score_loss
 from ..models.adapters import FAKE, TSCD
@@ -53,17 +53,17 @@ class DMDModule(StageModule):
             self.refl = Refl(schedule.T, feedback.cfg.steps, feedback.cfg.t_range)
 
     # ---- the three networks ----
-    def student_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
+    def student_out(self, x: Tensor, t: Tensor, cond) -> Tensor:
         """The generator: the UNet's "default" adapter, or the full copy."""
-        return self.eps(x, t, cond, self.gen_unet)
+        return self.out(x, t, cond, self.gen_unet)
 
     def fake_scope(self):
         """Context in which self.unet (or the full copy) is the fake score, its tensors trainable."""
         return nullcontext() if self.fake_unet is not None else self.adapters.scope([FAKE], [FAKE])
 
-    def fake_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
+    def fake_out(self, x: Tensor, t: Tensor, cond) -> Tensor:
         with self.fake_scope():
-            return self.eps(x, t, cond, self.fake_unet)
+            return self.out(x, t, cond, self.fake_unet)
 
     # ---- samples and targets ----
     def generate(self, z: Tensor, cond) -> Tensor:
@@ -75,16 +75,15 @@ class DMDModule(StageModule):
         hi = self.schedule.T - 1 if hi is None else hi
         t = torch.randint(lo, hi + 1, (x0.shape[0],), generator=g).to(x0.device)
         noise = torch.randn(x0.shape, generator=g).to(x0)
-        return add_noise(x0, noise, *self.schedule.coeffs(t, x0)), t, noise
+        return self.schedule.noise(x0, noise, t), t, noise
 
     @torch.no_grad()
     def scores(self, x0: Tensor, cond, uncond, g: torch.Generator) -> tuple[Tensor, Tensor]:
         """x0 predictions of the real (teacher, CFG) and fake scores from one noising of x0 at t in
         [t_min T, t_max T] (DMD2's range for the distribution-matching gradient)."""
         x_t, t, _ = self.noised(x0, g, self.t_lo, self.t_hi)
-        a, s = self.schedule.coeffs(t, x0)
-        real = eps_to_x0(x_t, guided_eps(self.teacher_eps, x_t, t, cond, uncond, self.cfg.guidance), a, s)
-        return real, eps_to_x0(x_t, self.fake_eps(x_t, t, cond), a, s)
+        real = self.schedule.x0(x_t, guided(self.teacher_out, x_t, t, cond, uncond, self.cfg.guidance), t)
+        return real, self.schedule.x0(x_t, self.fake_out(x_t, t, cond), t)
 
     @torch.no_grad()
     def teacher_sample(self, z: Tensor, cond, uncond) -> Tensor:
@@ -93,7 +92,7 @@ class DMDModule(StageModule):
         x = z
         for t, s in zip(ts[:-1], ts[1:]):
             at, to = (torch.full((z.shape[0],), v, device=z.device) for v in (t, s))
-            x = teacher_step(self.schedule, self.teacher_eps, x, at, to, cond, uncond, self.cfg.guidance)
+            x = teacher_step(self.schedule, self.teacher_out, x, at, to, cond, uncond, self.cfg.guidance)
         return x
 
     # ---- one batch: a generator update, then the fake score's ----
@@ -126,7 +125,7 @@ class DMDModule(StageModule):
     def consistency_loss(self, batch, g: torch.Generator) -> Tensor:
         """The last TSCD stage's loss on the generator, its target the generator itself without gradient (the
         online target of LCM-LoRA and PCM: DMD keeps no EMA)."""
-        pred, tgt, _ = self.consistency(batch, g, self.student_eps, self.teacher_eps, self.student_eps)
+        pred, tgt, _ = self.consistency(batch, g, self.student_out, self.teacher_out, self.student_out)
         tscd = self.consistency.cfg
         return distance(pred, tgt, tscd.loss, tscd.huber_c)
 
@@ -136,7 +135,7 @@ class DMDModule(StageModule):
             x0 = self.generate(torch.randn(like.shape, generator=g).to(like), cond)
         x_t, t, noise = self.noised(x0, g)
         with self.fake_scope():  # forward and backward with the fake adapter trainable
-            loss = fake_score_loss(self.eps(x_t, t, cond, self.fake_unet), noise)
+            loss = fake_score_loss(self.out(x_t, t, cond, self.fake_unet), self.schedule.target(x0, noise))
             self.manual_backward(loss)
         self._step(opt, self.cfg.grad_clip)
         return loss.detach()

@@ -15,7 +15,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from ..data.batch import Batch, RawBatch
-from ..diffusion.schedule import NoiseSchedule, renoise
+from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.solvers import cat_cond
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.consistency import tscd_terms
@@ -46,20 +46,20 @@ class TSCDModule(StageModule):
         self.ema = EMA(self.adapters.params(ADAPTER))
         self.pair = ConsistencyPair(schedule, stage.k, stage.grid_steps, cfg, guided=not previous)
 
-    # ---- the three eps functions: student_eps and teacher_eps (StageModule), the EMA target ----
-    def teacher_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
+    # ---- the three eps functions: student_out and teacher_out (StageModule), the EMA target ----
+    def teacher_out(self, x: Tensor, t: Tensor, cond) -> Tensor:
         if not self.previous:
-            return super().teacher_eps(x, t, cond)
+            return super().teacher_out(x, t, cond)
         with self.adapters.scope([PREVIOUS]):
-            return self.eps(x, t, cond)
+            return self.out(x, t, cond)
 
-    def ema_eps(self, x: Tensor, t: Tensor, cond) -> Tensor:
+    def ema_out(self, x: Tensor, t: Tensor, cond) -> Tensor:
         target = self.ema.tensors_for(self.unet)  # every name checked once: strict=False would skip unknown ones
         return functional_call(self.unet, target, (x, t), unet_kwargs(cond), strict=False).sample
 
     def tscd_pair(self, batch: Batch, g: torch.Generator) -> tuple[Tensor, Tensor, dict]:
         """(student prediction, target), both projected to t_end (Eq. 14), and the draws that made them."""
-        return self.pair(batch, g, self.student_eps, self.teacher_eps, self.ema_eps)
+        return self.pair(batch, g, self.student_out, self.teacher_out, self.ema_out)
 
     def logits(self, x: Tensor, t: Tensor, cond, start: list[Tensor] | None) -> list[Tensor]:
         """Discriminator logits of samples x at timesteps t, from the frozen teacher's features.
@@ -91,7 +91,7 @@ class TSCDModule(StageModule):
             return self._generator_update(opts, pred, target, None, update, batch)
         t_adv = self._renoise_times(aux["t_end"], g)
         z_fake, z_real = (torch.randn(pred.shape, generator=g).to(pred) for _ in range(2))  # each its own noise
-        noisy = lambda x, z: renoise(self.schedule, x, aux["t_end"], t_adv, z)  # noqa: E731  q(x_t' | x_t_end)
+        noisy = lambda x, z: self.schedule.renoise(x, aux["t_end"], t_adv, z)  # noqa: E731  q(x_t' | x_t_end)
         cond, start = aux["cond"], self.start_features(aux)
         adv = lambda p, _: g_loss(self.logits(noisy(p, z_fake), t_adv, cond, start), self.cfg.adv.loss)  # noqa: E731
         self.toggle_optimizer(opts[0])

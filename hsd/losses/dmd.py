@@ -23,6 +23,7 @@ def dmd_loss(x0: Tensor, real_x0: Tensor, fake_x0: Tensor) -> Tensor:
     return 0.5 * F.mse_loss(x0.float(), (x0 - grad).detach().float())
 
 
-def fake_score_loss(eps_pred: Tensor, noise: Tensor) -> Tensor:
-    """The fake score network's objective: the standard denoising (epsilon MSE) loss on generator samples."""
-    return F.mse_loss(eps_pred.float(), noise.float())
+def fake_score_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """The fake score network's objective: the standard denoising loss on generator samples, in the network's own
+    parametrisation (the schedule's target: eps for VP, the velocity for flow)."""
+    return F.mse_loss(pred.float(), target.float())

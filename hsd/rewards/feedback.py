@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import Tensor, nn
 
-from ..diffusion.schedule import NoiseSchedule, add_noise
+from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.segments import inference_timesteps
-from ..diffusion.solvers import ddim_step
 from ..errors import ConfigError
 from ..losses.feedback import reward_hinge
 from ..models.conditioning import vae_encode
@@ -25,12 +24,12 @@ if TYPE_CHECKING:
 
 
 class Student(Protocol):
-    """What the feedback losses need of a stage: its schedule, its student's eps (used without gradient), its
+    """What the feedback losses need of a stage: its schedule, its student's network output (used without gradient), its
     one-step x'_0 with gradient to the trained weights, and its ReFL grid."""
     schedule: NoiseSchedule
     refl: Refl
 
-    def student_eps(self, x: Tensor, t: Tensor, cond) -> Tensor: ...
+    def student_out(self, x: Tensor, t: Tensor, cond) -> Tensor: ...
 
     def denoise(self, x_t: Tensor, t: Tensor, cond) -> Tensor: ...
 
@@ -88,7 +87,7 @@ class Refl:
         at = [torch.full((x.shape[0],), int(t), device=x.device) for t in self.grid]
         with torch.no_grad():
             for i in range(i0, j):
-                x = ddim_step(stage.schedule, x, stage.student_eps(x, at[i], cond), at[i], at[i + 1])
+                x = stage.schedule.jump(x, stage.student_out(x, at[i], cond), at[i], at[i + 1])
         return stage.denoise(x, at[j], cond)
 
 
@@ -108,7 +107,7 @@ class InstanceTerm(nn.Module):
         x0 = self.decoder.encode(torch.stack(pixels).to(device), g)
         i_a = refl.index_at_or_below(self.start)
         t_a = torch.full((batch_size,), int(refl.grid[i_a]), device=device)
-        x_ta = add_noise(x0, torch.randn(x0.shape, generator=g).to(x0), *stage.schedule.coeffs(t_a, x0))
+        x_ta = stage.schedule.noise(x0, torch.randn(x0.shape, generator=g).to(x0), t_a)
         cond = self.text(captions, target_size=(self.size, self.size))
         return self.loss(self.decoder(refl.x0(stage, x_ta, i_a, cond, g)), list(instances))
 
