@@ -171,6 +171,3 @@ def add_noise(x0: Tensor, eps: Tensor, a: Tensor, s: Tensor) -> Tensor:
 def eps_to_x0(x_t: Tensor, eps: Tensor, a: Tensor, s: Tensor) -> Tensor:
     return (x_t - s * eps) / a
 
-
-def x0_to_eps(x_t: Tensor, x0: Tensor, a: Tensor, s: Tensor) -> Tensor:
-    return (x_t - a * x0) / s

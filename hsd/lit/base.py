@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import lightning as L
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ..data.batch import COUNTS, Batch, RawBatch, micro_batch
@@ -83,9 +84,15 @@ class StageModule(L.LightningModule):
     def encode(self, batch: RawBatch, g: torch.Generator) -> Batch:
         return batch if self.encoder is None else self.encoder(batch, g)
 
-    def out(self, x: Tensor, t: Tensor, cond, unet: nn.Module | None = None) -> Tensor:
-        """The network's output at (x, t): eps (VP) or the velocity (flow); the schedule says what it is given as t."""
-        return (unet or self.unet)(x, self.schedule.model_time(t), **unet_kwargs(cond)).sample
+    def out(self, x: Tensor, t: Tensor, cond, unet: nn.Module | None = None,
+            tensors: dict[str, Tensor] | None = None) -> Tensor:
+        """The network's output at (x, t): eps (VP) or the velocity (flow); the schedule says what it is given as t.
+        `tensors`: run with these in place of the module's own, by name (the EMA target; names checked by its owner,
+        since functional_call needs strict=False for the tensors it is not given)."""
+        net, args, kwargs = unet or self.unet, (x, self.schedule.model_time(t)), unet_kwargs(cond)
+        if tensors is not None:
+            return functional_call(net, tensors, args, kwargs, strict=False).sample
+        return net(*args, **kwargs).sample
 
     def student_out(self, x: Tensor, t: Tensor, cond) -> Tensor:
         """The network being trained (the UNet with its active adapters, unless a stage trains a copy)."""

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 
 from ..data.batch import Batch, RawBatch
 from ..diffusion.schedule import NoiseSchedule
@@ -46,7 +45,7 @@ class TSCDModule(StageModule):
         self.ema = EMA(self.adapters.params(ADAPTER))
         self.pair = ConsistencyPair(schedule, stage.k, stage.grid_steps, cfg, guided=not previous)
 
-    # ---- the three eps functions: student_out and teacher_out (StageModule), the EMA target ----
+    # ---- the three network functions: student_out and teacher_out (StageModule), the EMA target ----
     def teacher_out(self, x: Tensor, t: Tensor, cond) -> Tensor:
         if not self.previous:
             return super().teacher_out(x, t, cond)
@@ -54,8 +53,8 @@ class TSCDModule(StageModule):
             return self.out(x, t, cond)
 
     def ema_out(self, x: Tensor, t: Tensor, cond) -> Tensor:
-        target = self.ema.tensors_for(self.unet)  # every name checked once: strict=False would skip unknown ones
-        return functional_call(self.unet, target, (x, t), unet_kwargs(cond), strict=False).sample
+        # every name checked once by tensors_for: strict=False would skip unknown ones
+        return self.out(x, t, cond, tensors=self.ema.tensors_for(self.unet))
 
     def tscd_pair(self, batch: Batch, g: torch.Generator) -> tuple[Tensor, Tensor, dict]:
         """(student prediction, target), both projected to t_end (Eq. 14), and the draws that made them."""
@@ -71,7 +70,8 @@ class TSCDModule(StageModule):
             return self.disc(self.features(x, t, cond), start)
 
     def features(self, x: Tensor, t: Tensor, cond) -> list[Tensor]:
-        return unet_features(self.unet, x, t, unet_kwargs(cond), self.cfg.adv.up_features, not self.fsdp)
+        return unet_features(self.unet, x, self.schedule.model_time(t), unet_kwargs(cond), self.cfg.adv.up_features,
+                             not self.fsdp)
 
     @torch.no_grad()
     def start_features(self, aux: dict) -> list[Tensor] | None:
