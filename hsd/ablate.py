@@ -12,7 +12,7 @@ from pathlib import Path
 from .config import config_yaml, load_config
 from .errors import MissingFileError
 from .io import atomic_path
-from .lab.evaluate import COLUMNS, REFERENCE_MODELS
+from .lab.evaluate import COLUMNS, REFERENCE_MODELS, TRAILING
 from .stats import Paired, paired, with_q
 from .train import run
 
@@ -44,7 +44,7 @@ def table_rows(table_csv: Path) -> dict[Key, dict[str, float]]:
            for r in rows}
     for (model, steps, sampler), values in list(out.items()):
         own = model == f"TSCD stage k={steps}"
-        final = model == "TSCD final (k=1)" and sampler == "DDIM trailing"
+        final = model == "TSCD final (k=1)" and sampler in TRAILING
         if own or (final and (f"TSCD stage k={steps}", steps, sampler) not in out):
             out[("LoRA for k steps", steps, sampler)] = values
     return out
@@ -116,6 +116,39 @@ def comparisons(results: dict[str, list[dict[Key, dict[str, float]]]], alpha: fl
     return "\n".join(lines) + "\n"
 
 
+def teacher_tests(results: dict[str, list[dict[Key, dict[str, float]]]]) -> dict[tuple[str, Key, str], Paired]:
+    """Each arm's LoRA for k steps against the teacher's own k-step trailing sampler (with CFG) of the same seed:
+    what distillation bought at equal steps, paired by seed, with q over all of these cells."""
+    cells = {}
+    for name, per_seed in results.items():
+        for key in per_seed[0]:
+            teacher = next((t for t in per_seed[0] if t[0] == "Teacher" and t[1] == key[1]
+                            and t[2].startswith(f"{key[2]}, CFG")), None)
+            if key[0] != "LoRA for k steps" or teacher is None:
+                continue
+            for c in COMPARED:
+                pairs = [(r[teacher][c], r[key][c]) for r in per_seed if c in r.get(teacher, {}) and c in r[key]]
+                if len(pairs) >= 2:
+                    cells[(name, key, c)] = paired(*map(list, zip(*pairs)))
+    return dict(zip(cells, with_q(list(cells.values()))))
+
+
+def against_teacher(results: dict[str, list[dict[Key, dict[str, float]]]], alpha: float = FDR) -> str:
+    tests = teacher_tests(results)
+    if not tests:
+        return ""
+    n = len(next(iter(results.values())))
+    lines = [f"Each LoRA at k steps against the teacher's k-step trailing sampler with CFG (LoRA − teacher, paired "
+             f"by seed, n = {n}): mean [95 % CI, t with {n - 1} df], p, q = Benjamini-Hochberg over the {len(tests)} "
+             f"cells of this table; **bold** = q ≤ {alpha:g}", "",
+             "| Arm | Steps | Sampler | " + " | ".join(HEADS[c] for c in COMPARED) + " |",
+             "|---|---|---|" + "---|" * len(COMPARED)]
+    for (name, key) in dict.fromkeys((name, key) for name, key, _ in tests):
+        cells = [fmt(tests[(name, key, c)], alpha) if (name, key, c) in tests else "" for c in COMPARED]
+        lines.append(f"| {name} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def finished(folder: Path, cfg) -> bool:
     """A run folder whose table is written under exactly this config (its config.yaml, saved when the run began):
     reused as it is, without loading a model, so a sweep spans sessions by keeping (or committing) these two files."""
@@ -140,7 +173,7 @@ def ablate(paths: list[str], seeds: list[int], overrides: list[str], out: Path, 
             if not summary_only and not finished(out / cfg.name, cfg):
                 run(cfg)
             results.setdefault(name, []).append(table_rows(table))
-    md = summary(results, seeds) + "\n" + comparisons(results)
+    md = summary(results, seeds) + "\n" + comparisons(results) + "\n" + against_teacher(results)
     with atomic_path(out / "ablation.md") as tmp:
         Path(tmp).write_text(md)
     return md

@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .names import DEFAULT_LAB_WORLD, LAB_WORLDS
+
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
@@ -29,7 +31,7 @@ def cmd_train(args) -> None:
 
 def cmd_memory(args) -> None:
     from .errors import ConfigError
-    from .memory_stage import load_run, memory_report
+    from .memory.stage import load_run, memory_report
     paths, overrides = _split(args.items)
     if not paths:
         raise ConfigError("hsd memory needs a config file, e.g. hsd memory experiments/sdxl/tscd.yaml")
@@ -54,12 +56,12 @@ def cmd_lab_teacher(args) -> None:
     from .errors import ConfigError
     from .io import check_output
     from .lab.teacher import fit_teacher, save_teacher, teacher_path
-    from .lab.world import WORLD_BUILDERS
+    from .lab.world import lab_world
     out = check_output(args.out or teacher_path(args.world), "--out (the teacher folder)",
                        replaces="world.safetensors")
     if min(args.steps, args.batch) < 1:
         raise ConfigError(f"--steps and --batch must be at least 1, got {args.steps} and {args.batch}")
-    teacher = fit_teacher(WORLD_BUILDERS[args.world](), steps=args.steps, batch=args.batch, seed=args.seed)
+    teacher = fit_teacher(lab_world(args.world), steps=args.steps, batch=args.batch, seed=args.seed)
     print(f"saved the lab teacher to {save_teacher(teacher, out)}")
 
 
@@ -81,9 +83,13 @@ def cmd_ablate(args) -> None:
 
 def cmd_random_model(args) -> None:
     from .io import check_output
-    from .models.components import build_components
+    from .models.components import ARCHS, ModelError, build_components
+    from .models.dit import DIT_ARCHS, build_dit
+    if args.arch not in {**ARCHS, **DIT_ARCHS}:
+        raise ModelError(f"unknown architecture {args.arch!r}; known: {', '.join([*ARCHS, *DIT_ARCHS])}")
     check_output(args.out, "random-model OUT", replaces="model_index.json")
-    path = build_components(args.arch, seed=args.seed).save_pretrained(args.out)
+    build = build_dit if args.arch in DIT_ARCHS else build_components
+    path = build(args.arch, seed=args.seed).save_pretrained(args.out)
     print(f"saved random-weight {args.arch} components to {path}")
 
 
@@ -111,8 +117,9 @@ def main(argv: list[str] | None = None) -> None:
                                      "(experiments/lab/hypersd.yaml)")
     lab.add_argument("items", nargs="*", metavar="key=value")
     lab.set_defaults(fn=cmd_lab)
-    lt = sub.add_parser("lab-teacher", help="fit the lab teacher UNet to the exact eps and save it")
-    lt.add_argument("--world", default="digits", choices=["digits", "blocks"], help="the lab world to fit")
+    lt = sub.add_parser("lab-teacher", help="fit a lab world's teacher (UNet: eps; transformer: velocity) to the "
+                                            "exact output and save it")
+    lt.add_argument("--world", default=DEFAULT_LAB_WORLD, choices=list(LAB_WORLDS), help="the lab world to fit")
     lt.add_argument("--out", default=None, help="folder (default: the world's shipped one, hsd/lab/teachers/WORLD)")
     lt.add_argument("--steps", type=int, default=4000)
     lt.add_argument("--batch", type=int, default=128)
@@ -130,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="only summarise the tables already in --out (arms run as separate calls)")
     ab.set_defaults(fn=cmd_ablate)
     rm = sub.add_parser("random-model", help="save random-weight components of an architecture (tests, benchmarks)")
-    rm.add_argument("arch", help="sd15 | sdxl (the real architectures) | tiny-sd15 | tiny-sdxl")
+    rm.add_argument("arch", help="sd15 | sdxl | sd3 (the real architectures) | tiny-sd15 | tiny-sdxl | tiny-sd3")
     rm.add_argument("out")
     rm.add_argument("--seed", type=int, default=0)
     rm.set_defaults(fn=cmd_random_model)

@@ -17,6 +17,11 @@ def _generate(w, tmp, *extra):
     return ["generate", "--prompt", "a", "--steps", "1", "--out", str(tmp / "out"), *extra]
 
 
+def c_generate_no_steps_and_no_preset(w, tmp):
+    return (["generate", "--prompt", "a", "--out", str(tmp / "out"), "--model", str(w.model)],
+            ["give --steps N [N ...] or a --preset (hyper-sd3-4"])
+
+
 def c_generate_model_missing(w, tmp):
     return _generate(w, tmp, "--model", f"{tmp}/nope"), [f"model not found: {tmp}/nope"]
 

@@ -2,7 +2,11 @@
 only in hsd/models, no file over 400 lines."""
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("hsd", "eval")
@@ -92,11 +96,11 @@ def test_layers():
             assert all(d.startswith("hsd.scorers") or d in ("hsd.io", "hsd.errors") for d in deps), (name, deps)
         if name.startswith("hsd") and name != "hsd.cli":  # eval sits on hsd; only the entry point registers it
             assert not any(d.startswith("eval") for d in deps), (name, deps)
-        if name in ("hsd.errors", "hsd.io", "hsd.models.targets", "hsd.diffusion.grid"):  # leaves anything may use
+        if name in ("hsd.errors", "hsd.io", "hsd.models.targets", "hsd.diffusion.grid", "hsd.names"):  # leaves
             assert deps <= {"hsd.errors"}, (name, deps)
-        if name.startswith("hsd.config"):  # the schema loads without torch; only its last check asks the world
+        if name.startswith("hsd.config"):  # the schema and every world's rules load without torch or a world module
             assert all(d.startswith(("hsd.config", "hsd.errors", "hsd.io", "hsd.models.targets", "hsd.diffusion.grid",
-                                        "hsd.worlds"))
+                                        "hsd.names"))
                        for d in deps), \
                 (name, deps)
     assert "hsd.scorers.scorers" in graph["eval.run"] and "hsd.scorers.scorers" in graph["hsd.worlds.sd"]
@@ -117,3 +121,23 @@ def test_no_file_over_400_lines():
     long = {str(p.relative_to(ROOT)): n for d in (*PACKAGES, "tests", "benchmarks", "scripts")
             for p in (ROOT / d).rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
     assert not long, long
+
+
+def test_world_names_have_one_source():
+    """hsd.names is the one list the registry, the config rules, the schema and the CLI read (issue 21)."""
+    from hsd.config import load_config
+    from hsd.config.worlds import RULES
+    from hsd.errors import ConfigError
+    from hsd.names import LAB_WORLDS, WORLDS
+    from hsd.worlds import CLASSES
+    assert set(WORLDS.values()) == set(CLASSES) == set(RULES)
+    for bad, names in (("world=nope", WORLDS), ("lab.world=nope", LAB_WORLDS)):
+        with pytest.raises(ConfigError) as e:
+            load_config([], [bad])
+        assert all(n in str(e.value) for n in names), str(e.value)
+    r = subprocess.run([sys.executable, "-m", "hsd.cli", "lab-teacher", "--world", "nope"], capture_output=True,
+                       text=True, cwd=ROOT)
+    assert r.returncode == 2 and all(repr(n) in r.stderr for n in LAB_WORLDS), r.stderr
+    literal = re.compile(r"""["']digits["'],\s*["']blocks["']""")  # a second copy of the lab world list
+    assert not [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")
+                if p.name != "names.py" and literal.search(p.read_text())]

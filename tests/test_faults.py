@@ -266,6 +266,16 @@ def c_lab_unknown_world(w, tmp):
     return ["lab", "lab.world=nope"], ["lab.world must be one of"]
 
 
+def c_lab_flow_world_with_the_adversarial_term(w, tmp):
+    return (["lab", "lab.world=digits-flow", f"out_dir={tmp}", "tscd.stages=[{k: 1, w_adv: 1.0}]"],
+            ["tscd.stages.0.w_adv > 0", "lab.world=digits-flow is a transformer"])
+
+
+def c_train_sd3_on_an_sd15_folder(w, tmp):
+    return (_sd_train(w, tmp, f"data.folder={w.images}", "world=sd3"),
+            [f"{w.model} holds a StableDiffusionPipeline; world sd3 expects a StableDiffusion3Pipeline folder"])
+
+
 CASES = {name[2:]: fn for module in (globals(), vars(fault_cases)) for name, fn in dict(module).items()
          if name.startswith("c_") and callable(fn)}
 

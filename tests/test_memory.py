@@ -13,8 +13,8 @@ from hsd.diffusion.schedule import NoiseSchedule
 from hsd.lit.dmd import DMDModule
 from hsd.lit.tscd import TSCDModule
 from hsd.memory import GIB, TOTAL, Footprint, per_rank, state
-from hsd.memory_stage import footprints, load_run
-from hsd.memory_trace import LiveBytes
+from hsd.memory.stage import footprints, load_run
+from hsd.memory.trace import LiveBytes
 from hsd.models.adapters import FAKE, TSCD, Adapters
 from hsd.models.components import build_components
 from hsd.models.conditioning import LatentEncoder, TextConditioner
@@ -159,7 +159,7 @@ def test_traces_run_autocast_as_cuda_does():
     recomputes them the same way in backward (checkpoint looked up at call time, as diffusers does)."""
     import torch.utils.checkpoint
 
-    from hsd.memory_trace import autocast
+    from hsd.memory.trace import autocast
     norm = torch.nn.GroupNorm(8, 32).to(torch.bfloat16)
     x = torch.randn(2, 32, 8, 8, dtype=torch.bfloat16, requires_grad=True)
     with autocast("bf16-mixed", "cuda"):

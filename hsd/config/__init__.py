@@ -7,7 +7,7 @@ that hold it; the resolved config is saved in the run folder.
 Every numeric field states its allowed range in its metadata (`ge`, `gt`, `within`; `one_of` for a few
 strings: `schema.py`), checked by one walker (`rules.check_fields`) that descends into nested dataclasses, lists
 of them (tscd.stages.N) and mappings of them (feedback.rewards.NAME); rules that tie fields together follow in
-`validate.py`, and last the named world's own rules (`hsd.worlds`). `loading.py` reads YAML and overrides.
+`validate.py`, and last the named world's own rules (`worlds.py`). `loading.py` reads YAML and overrides.
 """
 from __future__ import annotations
 

@@ -30,8 +30,9 @@ class _Layer:
         return f"{self.path}:{line}" if line else str(self.path)
 
 
-def load_config(paths: list[str] = (), overrides: list[str] = ()) -> Run:
-    """Defaults <- each YAML (after its `base:` chain) <- key=value overrides; returns a typed Run."""
+def load_config(paths: list[str] = (), overrides: list[str] = (), inputs: bool = True) -> Run:
+    """Defaults <- each YAML (after its `base:` chain) <- key=value overrides; returns a typed Run. inputs=False:
+    the world's input files (model.path, the data) are not asked for (a command that reads none of them)."""
     cfg, origins = OmegaConf.structured(Run), {}  # origins: dotted key -> the YAML line that last set it
     for p in paths:
         for layer in _yaml_chain(Path(p)):
@@ -47,7 +48,7 @@ def load_config(paths: list[str] = (), overrides: list[str] = ()) -> Run:
         origins = _forget(origins, item.split("=", 1)[0])
     run = OmegaConf.to_object(cfg)
     try:
-        validate(run)
+        validate(run, inputs)
     except FieldError as e:
         parts = e.key.split(".")
         where = next((origins[k] for k in (".".join(parts[:n]) for n in range(len(parts), 0, -1)) if k in origins),

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..models.targets import DEFAULT_TARGETS
+from ..names import DEFAULT_LAB_WORLD, LAB_WORLDS
 from .rules import ge, gt, nonempty, one_of, within
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -140,8 +141,9 @@ class DMD:
 
 @dataclass
 class Lab:
-    world: str = field(default="digits", metadata=one_of("digits", "blocks"))  # the shipped world and its fitted
-    #                            teacher: digits (headroom, the default) | blocks (the fast smoke world)
+    world: str = field(default=DEFAULT_LAB_WORLD, metadata=one_of(*LAB_WORLDS))  # the shipped world and its fitted
+    #                            teacher: digits (headroom, the default) | blocks (the fast smoke world) | digits-flow
+    #                            (digits under rectified flow, a transformer teacher: docs/flow.md)
     teacher: str = ""          # or a fitted teacher folder (`hsd lab-teacher --out`; it carries its own world)
     eval_per_class: int = field(default=32, metadata=ge(2))  # samples per class in the table (2: the 3-NN recall)
     eval_guidance: float = field(default=3.0, metadata=ge(0))

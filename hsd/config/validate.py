@@ -1,13 +1,15 @@
-"""Rules that tie fields together, then the named world's own rules (hsd.worlds)."""
+"""Rules that tie fields together, then the named world's own rules (hsd.config.worlds)."""
 from __future__ import annotations
 
 from ..diffusion.grid import off_grid
 from ..errors import ConfigError
 from .rules import FieldError, check_fields
 from .schema import DMD, Run, T
+from .worlds import check_world
 
 
-def validate(run: Run) -> None:
+def validate(run: Run, inputs: bool = True) -> None:
+    """inputs=False: every rule but those naming the world's input files (model.path, the data)."""
     check_fields(run)
     t = run.tscd
     if not t.stages and not (run.feedback.iterations or run.dmd.iterations):
@@ -37,8 +39,7 @@ def validate(run: Run) -> None:
         raise ConfigError("dmd.w_consistency > 0 keeps the last TSCD stage's loss, but tscd.stages is empty")
     _validate_feedback(run)
     _validate_dmd(run.dmd)
-    from ..worlds import check_world  # the world's own rules live with the world; nothing below imports config
-    check_world(run)
+    check_world(run, inputs)
 
 
 def _validate_feedback(run: Run) -> None:

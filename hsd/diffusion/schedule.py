@@ -157,6 +157,12 @@ def flux_mu(image_tokens: int, base_tokens: int = 256, max_tokens: int = 4096, b
     return image_tokens * m + base_shift - m * base_tokens
 
 
+def trailing_sigmas(k: int) -> list[float]:
+    """The k-step sampler's sigmas before the shift, linspace(1, 1/k, k): what a flow pipeline is given
+    (`sigmas=`; FLUX's default), so that they are the trailing grid's points shift(1 - j / k) (ours, docs/flow.md)."""
+    return [1 - j / k for j in range(k)]
+
+
 def flow_sigmas(T: int = 1000, shift: float = 1.0, mu: float | None = None) -> Tensor:
     """Training sigmas in ascending timestep order: sigma_t = shift((t + 1) / T), t = 0 .. T-1 (float64)."""
     sigma = torch.arange(1, T + 1, dtype=torch.float64) / T

@@ -36,6 +36,31 @@ def teacher_step(sched: NoiseSchedule, net_fn: NetFn, x_t: Tensor, t: Tensor, s:
     return sched.jump(x_t, guided(net_fn, x_t, t, cond, uncond, w), t, s)
 
 
+def denoiser_out(net, x: Tensor, time: Tensor, cond) -> Tensor:
+    """A diffusers denoiser's output at x with its own time value: UNet2DConditionModel and the SD3/FLUX
+    transformers all take the input first and `timestep` by name; cond is a tensor (encoder_hidden_states) or a dict
+    of the network's keyword arguments (SDXL's added conditions, SD3's pooled prompt)."""
+    return net(x, timestep=time, **denoiser_kwargs(cond)).sample
+
+
+def denoiser_kwargs(cond) -> dict:
+    return cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
+
+
+def index_cond(cond, index):
+    """cond[index] along the batch, for a tensor or a dict of tensors (expand with `expand_cond`)."""
+    if isinstance(cond, dict):
+        return {k: index_cond(v, index) for k, v in cond.items()}
+    return cond[index]
+
+
+def expand_cond(cond, batch: int):
+    """A batch-1 conditioning broadcast to `batch` rows (a view), for a tensor or a dict of tensors."""
+    if isinstance(cond, dict):
+        return {k: expand_cond(v, batch) for k, v in cond.items()}
+    return cond.expand(batch, *cond.shape[1:])
+
+
 def cat_cond(a, b):
     """Concatenate conditioning along the batch: tensors, or dicts of tensors (SDXL added conds)."""
     if isinstance(a, dict):

@@ -9,12 +9,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
-from ..diffusion.solvers import guided
+from ..diffusion.schedule import NoiseSchedule, trailing_sigmas
+from ..diffusion.solvers import denoiser_out, expand_cond, guided, index_cond
 from ..io import atomic_path
 from ..pipelines.generate import recipe_scheduler
 from .metrics import Truth, metrics
-from .ode import exact_ode
+from .ode import exact_endpoint
 from .teacher import Teacher
 from .world import LabWorld
 
@@ -28,6 +30,7 @@ COLUMNS = [("alignment", "Align ↑", "{:.3f}"), ("coverage", "Cover ↑", "{:.3
            ("traj_teacher", "Traj teacher ↓", "{:.4f}"), ("loglik", "Log-lik ↑*", "{:.2f}"),
            ("reward", "Reward ↑", "{:.2f}")]
 REFERENCE_MODELS = ("Data (exact samples)", "Exact ODE (other noise)")
+TRAILING = ("DDIM trailing", "Euler trailing")  # the deterministic k-step sampler's label: vp, flow
 
 
 @dataclass
@@ -40,20 +43,36 @@ class Row:
 
 @torch.no_grad()
 def sample(unet, scheduler, x_T, cond, uncond=None, w: float = 1.0, steps: int = 1, timesteps=None, **step_kwargs):
-    """A plain diffusers scheduler loop (`timesteps` overrides its spacing); CFG (one batched forward) when w != 1."""
-    def eps_fn(x, t, c):
-        return unet(x, t, encoder_hidden_states=c).sample
+    """A plain diffusers scheduler loop (`timesteps` overrides its spacing: timesteps for VP schedulers, sigmas
+    before the shift for flow-matching ones); CFG (one batched forward) when w != 1."""
+    def out_fn(x, t, c):
+        return denoiser_out(unet, x, t, c)
 
-    if timesteps:
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):  # trailing k-step sigmas, FLUX's pipeline default
+        scheduler.set_timesteps(sigmas=timesteps or trailing_sigmas(steps))
+    elif timesteps:
         scheduler.set_timesteps(timesteps=timesteps)
     else:
         scheduler.set_timesteps(steps)
     x = x_T.clone()
     for t in scheduler.timesteps:
         tt = t.expand(x.shape[0])
-        eps = guided(eps_fn, x, tt, cond, uncond, w) if w != 1 else eps_fn(x, tt, cond)
-        x = scheduler.step(eps, t, x, **step_kwargs).prev_sample
+        out = guided(out_fn, x, tt, cond, uncond, w) if w != 1 else out_fn(x, tt, cond)
+        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
     return x
+
+
+def lab_sampler(kind: str, scheduler, timestep: int | None = None):
+    """(diffusers scheduler, its sigmas or timesteps override or None) for a recipe kind.
+    VP: the release's recipes (hsd.pipelines.generate.recipe_scheduler). Flow, where diffusers has no TCD or LCM:
+    ddim -> Euler on the trailing sigmas (the deterministic jump); tcd -> Euler with stochastic sampling (x0, then
+    fresh noise at the next sigma: the consistency multistep sampler, TCD at eta = 1); lcm -> one Euler step to
+    clean data from the sigma of index `timestep` (what the one-step generator was trained at)."""
+    if not isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return recipe_scheduler(kind, scheduler.config), [timestep] if kind == "lcm" else None
+    T = scheduler.config.num_train_timesteps
+    sch = FlowMatchEulerDiscreteScheduler.from_config(scheduler.config, stochastic_sampling=kind == "tcd")
+    return sch, [(timestep + 1) / T] if kind == "lcm" else None
 
 
 def eval_seeds(seed: int) -> dict[str, int]:
@@ -79,8 +98,8 @@ class LabEvaluator:
         self.labels = torch.arange(world.n_classes).repeat_interleave(cfg.eval_per_class)
         self.x_T = torch.randn(len(self.labels), *world.shape, generator=g)
         emb = teacher.encode(world.prompts + [""])
-        self.cond, self.uncond = emb[self.labels], emb[-1:].expand(len(self.labels), -1, -1)
-        self.alpha_bar_T = float(teacher.scheduler.alphas_cumprod[-1])
+        self.cond, self.uncond = index_cond(emb, self.labels), expand_cond(index_cond(emb, [-1]), len(self.labels))
+        self.schedule = NoiseSchedule.from_scheduler(teacher.scheduler)
         self.ode = self.exact(self.x_T)
         self.truth = Truth.measure(world, self.labels, seed=self.seeds["truth"])
         self.teacher_reference: torch.Tensor | None = None
@@ -88,7 +107,7 @@ class LabEvaluator:
 
     def exact(self, x_T: torch.Tensor) -> torch.Tensor:
         """Endpoints of the exact guided PF-ODE (CFG = eval_guidance) from x_T, float32."""
-        return exact_ode(self.world, x_T, self.labels, self.cfg.eval_guidance, self.alpha_bar_T, steps=100).float()
+        return exact_endpoint(self.world, x_T, self.labels, self.cfg.eval_guidance, self.schedule, steps=100).float()
 
     def measure(self, x: torch.Tensor) -> dict[str, float]:
         refs = {"ode": self.ode, "traj_err": self.ode}
@@ -111,14 +130,17 @@ class LabEvaluator:
     def row(self, name: str, unet, steps: int, kind: str, guided: bool = False,
             timestep: int | None = None) -> tuple[Row, torch.Tensor]:
         """kind: ddim (trailing), tcd (eta = cfg.tcd_eta) or lcm (one step at `timestep`, the one-step UNet's)."""
-        sch, kw, ts = recipe_scheduler(kind, self.teacher.scheduler.config), {}, None
+        (sch, ts), kw = lab_sampler(kind, self.teacher.scheduler, timestep), {}
+        flow = self.teacher.family == "flow"
         if kind == "ddim":
-            label = "DDIM trailing"
+            label = TRAILING[flow]
         elif kind == "tcd":
-            kw = {"eta": self.cfg.tcd_eta, "generator": torch.Generator().manual_seed(self.seeds["tcd"])}
-            label = f"TCD eta={self.cfg.tcd_eta}"
+            kw = {"generator": torch.Generator().manual_seed(self.seeds["tcd"])}
+            if not flow:
+                kw["eta"] = self.cfg.tcd_eta
+            label = "Euler stochastic" if flow else f"TCD eta={self.cfg.tcd_eta}"
         else:
-            ts, label = [timestep], f"LCM t={timestep}"
+            label = f"Euler one step t={timestep}" if flow else f"LCM t={timestep}"
         w = self.cfg.eval_guidance if guided else 1.0
         x = sample(unet, sch, self.x_T, self.cond, self.uncond, w, steps, ts, **kw)
         label += f", CFG {w:g}" if guided else ""

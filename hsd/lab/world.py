@@ -5,10 +5,12 @@ Each class (a prompt, "the digit three") owns M modes; every mode is an isotropi
 mixtures too, so the score (hence eps, CFG and the probability-flow ODE) and the data log-likelihood have closed
 forms. Computation is float64.
 
-Worlds by name (`WORLD_BUILDERS`): `digits` (the default: 8x8 handwritten digits shipped inside scikit-learn,
-ten classes, 16 k-means modes each: real image structure, close modes, headroom for few-step sampling) and
-`blocks` (4 colour blocks x 4 positions, well separated: the fast smoke world). A world is saved beside its fitted
-teacher (`world.safetensors`), so a teacher always carries the exact world it was fitted to.
+Worlds by name (`lab_world`; the names in hsd.names.LAB_WORLDS, their mixtures in `WORLD_BUILDERS`): `digits`
+(the default: 8x8 handwritten digits shipped inside scikit-learn, ten classes, 16 k-means modes each: real image
+structure, close modes, headroom for few-step sampling), `blocks` (4 colour blocks x 4 positions, well separated:
+the fast smoke world) and `digits-flow` (the digits mixture under the rectified-flow path, with a transformer
+teacher: docs/flow.md). A world is saved beside its fitted teacher (`world.safetensors`), so a teacher always
+carries the exact world it was fitted to.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ..names import LAB_WORLDS
 
 COLOURS = {"red": (0.9, -0.7, -0.7), "green": (-0.7, 0.9, -0.7), "blue": (-0.7, -0.7, 0.9),
            "yellow": (0.9, 0.9, -0.7)}
@@ -73,12 +77,14 @@ class LabWorld:
         xf = x.double().flatten(1)                      # [B, D]
         a, s = _col(a, B), _col(s, B)                   # [B, 1]
         var = a ** 2 * self.sigma ** 2 + s ** 2
+        a_in = torch.where(a > 0, a, 1.0)               # a = 0 (flow's sigma = 1): x_t says nothing of the mode,
+        #                                                 sq = 0 below and the responsibilities are uniform
         if labels is None:
             mu = self.means.flatten(2).flatten(0, 1)    # [K, D], shared by the batch
-            sq = torch.cdist(xf / a, mu) ** 2 * a ** 2  # |x - a mu|^2 = a^2 |x / a - mu|^2
+            sq = torch.cdist(xf / a_in, mu) ** 2 * a ** 2  # |x - a mu|^2 = a^2 |x / a - mu|^2
             return (-sq / (2 * var)).softmax(-1) @ mu, a, s, var
         mu = self._components(labels, B)                # [B, M, D]
-        sq = (torch.cdist((xf / a)[:, None], mu) ** 2)[:, 0] * a ** 2
+        sq = (torch.cdist((xf / a_in)[:, None], mu) ** 2)[:, 0] * a ** 2
         return torch.bmm((-sq / (2 * var)).softmax(-1)[:, None], mu)[:, 0], a, s, var
 
     def posterior_mean(self, x: Tensor, a: Tensor, s: Tensor, labels: Tensor | None) -> Tensor:
@@ -92,11 +98,29 @@ class LabWorld:
         mbar, a, s, var = self._posterior(x, a, s, labels)
         return (s / var * (x.double().flatten(1) - a * mbar)).view_as(x)
 
+    def velocity(self, x: Tensor, a: Tensor, s: Tensor, labels: Tensor | None) -> Tensor:
+        """Exact rectified-flow velocity E[eps - x0 | x_t] (x_t = (1 - sigma) x0 + sigma eps: a = 1 - sigma,
+        s = sigma); finite at both ends: at sigma = 1 it is x_t minus the prior mean."""
+        mbar, a, s, var = self._posterior(x, a, s, labels)
+        xf = x.double().flatten(1)
+        shrink = a * self.sigma ** 2 / var
+        return (s / var * (xf - a * mbar) - (1 - a * shrink) * mbar - shrink * xf).view_as(x)
+
+    def out(self, x: Tensor, a: Tensor, s: Tensor, labels: Tensor | None, family: str = "vp") -> Tensor:
+        """The exact network output of a family (hsd.diffusion.schedule): eps (vp) or the velocity (flow)."""
+        return self.eps(x, a, s, labels) if family == "vp" else self.velocity(x, a, s, labels)
+
+    def cfg_out(self, x: Tensor, a: Tensor, s: Tensor, labels: Tensor, w: float | Tensor,
+                family: str = "vp") -> Tensor:
+        """Exact classifier-free guided output u + w (c - u): eps (vp) or velocity (flow), which is affine in eps
+        at a fixed x_t, so both guide the same sample."""
+        ou, oc = self.out(x, a, s, None, family), self.out(x, a, s, labels, family)
+        w = torch.as_tensor(w, dtype=torch.float64).reshape(-1, 1, 1, 1)
+        return ou + w * (oc - ou)
+
     def cfg_eps(self, x: Tensor, a: Tensor, s: Tensor, labels: Tensor, w: float | Tensor) -> Tensor:
         """Exact classifier-free guided eps: eps_u + w (eps_c - eps_u)."""
-        eu, ec = self.eps(x, a, s, None), self.eps(x, a, s, labels)
-        w = torch.as_tensor(w, dtype=torch.float64).reshape(-1, 1, 1, 1)
-        return eu + w * (ec - eu)
+        return self.cfg_out(x, a, s, labels, w, "vp")
 
     # ---- exact densities ----
     def sq_dist(self, x: Tensor) -> Tensor:
@@ -181,4 +205,14 @@ def digits_world(modes: int = 16, sigma: float = 0.25) -> LabWorld:
     return LabWorld(means.view(10, modes, 1, 8, 8), sigma, [f"the digit {d}" for d in DIGITS], "digits")
 
 
-WORLD_BUILDERS = {"digits": digits_world, "blocks": blocks_world}
+WORLD_BUILDERS = {"digits": digits_world, "blocks": blocks_world}  # the mixtures, by name
+
+
+def lab_world(name: str) -> LabWorld:
+    """Any named lab world (hsd.names.LAB_WORLDS): its mixture is the name before "-flow" (a flow world is that
+    data under the rectified-flow path; the family is its teacher's)."""
+    if name not in LAB_WORLDS:
+        raise ValueError(f"unknown lab world {name!r}; known: {', '.join(LAB_WORLDS)}")
+    world = WORLD_BUILDERS[name.removesuffix("-flow")]()
+    world.name = name
+    return world

@@ -17,15 +17,11 @@ from torch.nn.modules.module import _IncompatibleKeys
 
 from ..data.batch import COUNTS, Batch, RawBatch, micro_batch
 from ..diffusion.schedule import NoiseSchedule
+from ..diffusion.solvers import denoiser_kwargs, denoiser_out
 from ..errors import MissingPackageError
 from ..models.adapters import TSCD, Adapters
 from .resume import unreadable_checkpoint
 from .sharded import is_sharded
-
-
-def unet_kwargs(cond) -> dict:
-    """Conditioning is a tensor (encoder_hidden_states) or a dict of UNet keyword arguments (SDXL)."""
-    return cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
 
 
 class StageModule(L.LightningModule):
@@ -89,10 +85,11 @@ class StageModule(L.LightningModule):
         """The network's output at (x, t): eps (VP) or the velocity (flow); the schedule says what it is given as t.
         `tensors`: run with these in place of the module's own, by name (the EMA target; names checked by its owner,
         since functional_call needs strict=False for the tensors it is not given)."""
-        net, args, kwargs = unet or self.unet, (x, self.schedule.model_time(t)), unet_kwargs(cond)
-        if tensors is not None:
+        net, time = unet or self.unet, self.schedule.model_time(t)
+        if tensors is not None:  # the same call as denoiser_out, through functional_call
+            args, kwargs = (x,), {"timestep": time, **denoiser_kwargs(cond)}
             return functional_call(net, tensors, args, kwargs, strict=False).sample
-        return net(*args, **kwargs).sample
+        return denoiser_out(net, x, time, cond)
 
     def student_out(self, x: Tensor, t: Tensor, cond) -> Tensor:
         """The network being trained (the UNet with its active adapters, unless a stage trains a copy)."""

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from ..io import atomic_dir
+from ..models.denoisers import denoiser_class
 from .resume import META, check_resumable, unreadable_checkpoint
 
 
@@ -130,12 +131,11 @@ def gathered_state(unet: nn.Module) -> dict[str, Tensor] | None:
 
 def save_unet(unet: nn.Module, path: Path) -> None:
     """A trained UNet copy as a diffusers folder (written atomically by rank 0; every rank must call it)."""
-    from diffusers import UNet2DConditionModel
     state = gathered_state(unet)
     if state is None:
         return
     with torch.device("meta"):
-        plain = UNet2DConditionModel.from_config(unet.config)
+        plain = denoiser_class(unet).from_config(unet.config)
     plain.load_state_dict(state, assign=True)
     with atomic_dir(path) as tmp:
         plain.save_pretrained(tmp)

@@ -21,6 +21,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 
 from ..errors import ConfigError
 from . import lora as lora_io
+from .denoisers import lora_prefix
 
 TSCD, FEEDBACK, FAKE = "default", "feedback", "fake"  # the TSCD LoRA keeps peft's default name
 PREVIOUS = "previous"  # the previous TSCD stage's LoRA, frozen, as the teacher (tscd.teacher = previous)
@@ -134,9 +135,11 @@ class Adapters:
         lora_io.load_lora(self.unet, path, adapter=name)
 
     def save(self, path: Path, name: str, metadata: dict[str, str]) -> None:
-        """The adapter in the diffusers layout at `path` and in the kohya layout beside it (.kohya.safetensors)."""
+        """The adapter in the diffusers layout at `path` and, for a UNet, in the kohya layout beside it
+        (.kohya.safetensors; SD3 and FLUX LoRAs are exchanged in the diffusers layout, as the release's are)."""
         lora_io.save_lora(path, self.unet, metadata, adapter=name)
-        lora_io.save_lora(path.with_suffix(".kohya.safetensors"), self.unet, metadata, fmt="kohya", adapter=name)
+        if lora_prefix(self.unet) == lora_io.PREFIX:
+            lora_io.save_lora(path.with_suffix(".kohya.safetensors"), self.unet, metadata, fmt="kohya", adapter=name)
 
     def use(self, active: Iterable[str], trained: Iterable[str] = ()) -> None:
         use(self.unet, active, trained)

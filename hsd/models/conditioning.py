@@ -1,7 +1,8 @@
-"""Raw image-text batches -> (latents, UNet conditioning), as the SD1.5 / SDXL pipelines build them.
+"""Raw image-text batches -> (latents, denoiser conditioning), as the SD1.5 / SDXL / SD3 pipelines build them.
 
-Conditioning is a dict of UNet keyword arguments, so SD1.5 ({encoder_hidden_states}) and SDXL
-({encoder_hidden_states, added_cond_kwargs: {text_embeds, time_ids}}) go through the same solver code.
+Conditioning is a dict of the denoiser's keyword arguments, so SD1.5 ({encoder_hidden_states}), SDXL
+({encoder_hidden_states, added_cond_kwargs: {text_embeds, time_ids}}) and SD3 ({encoder_hidden_states,
+pooled_projections}) go through the same solver code.
 """
 from __future__ import annotations
 
@@ -54,13 +55,40 @@ class TextConditioner(nn.Module):
                                       "time_ids": add["time_ids"]}}
 
 
+class PipelineText(nn.Module):
+    """SD3's conditioning, made by its pipeline's own `encode_prompt` (CLIP-L and CLIP-G penultimate states side by
+    side, zero-padded to the joint width, then T5's tokens or, without T5, zeros; the two pooled outputs side by side)
+    so that training sees exactly what inference feeds. The empty prompt is encoded, not zeroed (SD3's CFG)."""
+
+    def __init__(self, components):
+        super().__init__()
+        from .dit import sd3_pipeline
+        self.encoders = nn.ModuleList(components.text_encoders).requires_grad_(False).eval()
+        self.pipe = sd3_pipeline(components)  # not a Module: its transformer is not registered here twice
+        self._empty: dict | None = None
+
+    @torch.no_grad()
+    def forward(self, captions: list[str], original_size: Tensor | None = None, crop_top_left: Tensor | None = None,
+                target_size: tuple[int, int] = (1024, 1024)) -> dict:
+        emb, _, pooled, _ = self.pipe.encode_prompt(list(captions), None, None, device=self.encoders[0].device,
+                                                    do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": emb, "pooled_projections": pooled}
+
+    def uncond(self, cond: dict) -> dict:
+        B, device = cond["pooled_projections"].shape[0], cond["pooled_projections"].device
+        if self._empty is None or self._empty["pooled_projections"].device != device:
+            self._empty = self([""])
+        return {k: v.expand(B, *v.shape[1:]) for k, v in self._empty.items()}
+
+
 @torch.no_grad()
 def vae_encode(vae, pixels: Tensor, g: torch.Generator) -> Tensor:
     """Pixels in [-1, 1] -> scaled latents sampled with `g` (float32). The VAE runs outside autocast in its own
     dtype: SDXL's VAE overflows in fp16/bf16 (force_upcast)."""
     with torch.autocast(pixels.device.type, enabled=False):
         dist = vae.encode(pixels.to(vae.dtype)).latent_dist
-    return (dist.sample(generator=g) * vae.config.scaling_factor).float()
+    z, shift = dist.sample(generator=g), vae.config.get("shift_factor")  # SD3 / FLUX VAEs shift, then scale
+    return ((z - shift if shift else z) * vae.config.scaling_factor).float()
 
 
 class LatentEncoder(nn.Module):

@@ -39,7 +39,7 @@ def unet_features(unet, x: Tensor, t: Tensor, cond: dict, up: bool = False, stop
 
     handles = [b.register_forward_hook(keep) for b in blocks[:-1]] + [blocks[-1].register_forward_hook(last)]
     try:
-        unet(x, t, **cond)
+        unet(x, timestep=t, **cond)
     except _Stop:
         pass
     finally:

@@ -11,6 +11,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 
+from .denoisers import denoiser_class, lora_prefix
 from .lora_formats import PREFIX, LoraFile, LoraFormatError, LoraModule, peft_config_kwargs, read_lora, write_lora
 from .targets import DEFAULT_TARGETS
 
@@ -41,10 +42,9 @@ def lora_params(unet, adapter: str | None = None) -> dict[str, torch.Tensor]:
 
 def plain_unet(unet, fuse: dict[str, float] | None = None):
     """A copy of the base UNet without peft layers, with the named adapters fused at weights {adapter: w}."""
-    from diffusers import UNet2DConditionModel
     base = {k.replace(".base_layer", ""): v.detach().clone() for k, v in unet.state_dict().items() if "lora_" not in k}
     with torch.device("meta"):  # no random initialisation to overwrite (a minute per SDXL copy on one CPU thread)
-        plain = UNet2DConditionModel.from_config(unet.config)
+        plain = denoiser_class(unet).from_config(unet.config)
     plain.load_state_dict(base, assign=True)  # copies, in the base weights' dtype
     for adapter, w in (fuse or {}).items():
         modules, where = unet_lora(unet, adapter), f"adapter {adapter!r}"
@@ -66,8 +66,9 @@ def unet_lora(unet, adapter: str = "default") -> dict[str, LoraModule]:
 
 def save_lora(path: str | os.PathLike, unet, metadata: dict[str, str] | None = None, fmt: str = "diffusers",
               adapter: str = "default") -> Path:
-    """Write the adapter as safetensors in the diffusers ("unet.<module>.lora_A.weight") or kohya layout."""
-    return write_lora(path, unet_lora(unet, adapter), fmt, metadata)
+    """Write the adapter as safetensors in the diffusers ("unet.<module>.lora_A.weight", "transformer.<module>..." for a
+    transformer) or kohya layout."""
+    return write_lora(path, unet_lora(unet, adapter), fmt, metadata, lora_prefix(unet))
 
 
 def load_lora(unet, path: str | os.PathLike, adapter: str = "default") -> None:
@@ -112,6 +113,9 @@ def _lora_layers(unet, adapter: str) -> dict[str, LoraLayer]:
 
 
 def _load_into(unet, lora: LoraFile, adapter: str) -> None:
+    if lora.prefix != lora_prefix(unet):
+        raise LoraFormatError(f"{lora.path} is a LoRA of a {lora.prefix.rstrip('.')}, but this model's denoiser is a "
+                              f"{lora_prefix(unet).rstrip('.')}: it was trained for another architecture")
     layers = _lora_layers(unet, adapter)
     if not layers:
         raise LoraFormatError(f"the UNet has no LoRA adapter {adapter!r} to load {lora.path} into")

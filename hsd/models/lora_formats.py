@@ -1,8 +1,9 @@
 """LoRA safetensors files in the two layouts people exchange, and exact merging of them.
 
 A LoRA is held as {diffusers module path: LoraModule}. The layouts differ in key names and in where alpha lives:
-- diffusers/peft: "unet.<module>.lora_A.weight" / ".lora_B.weight"; alpha in the peft LoraConfig that diffusers keeps
-  as JSON under the "lora_adapter_metadata" metadata key, else alpha = rank (diffusers' convention);
+- diffusers/peft: "unet.<module>.lora_A.weight" / ".lora_B.weight" ("transformer.<module>..." for SD3 and FLUX, the
+  layout diffusers' SD3/FLUX `load_lora_weights` reads); alpha in the peft LoraConfig that diffusers keeps as JSON under
+  the "lora_adapter_metadata" metadata key, else alpha = rank (diffusers' convention);
 - kohya (sd-scripts, ComfyUI, A1111): "lora_unet_<module with '.' -> '_'>.lora_down.weight" / ".lora_up.weight" and a
   0-dim ".alpha" (scale = alpha / rank; no alpha means alpha = rank). The released Hyper-SD SD1.5/SDXL LoRAs use it.
 """
@@ -24,6 +25,7 @@ from ..io import atomic_path, check_input, read_safetensors
 
 FORMATS = ("diffusers", "kohya")
 PREFIX = "unet."
+PREFIXES = (PREFIX, "transformer.")  # the denoiser's name in a pipeline: UNet (SD1.5, SDXL) or transformer (SD3, FLUX)
 KOHYA_PREFIX = "lora_unet_"
 DIFFUSERS_KEYS = (".lora_A.weight", ".lora_B.weight")
 KOHYA_KEYS = (".lora_down.weight", ".lora_up.weight", ".alpha")
@@ -65,6 +67,7 @@ class LoraFile:
     format: str
     modules: dict[str, LoraModule]
     metadata: dict[str, str]
+    prefix: str = PREFIX  # whose modules: "unet." or "transformer." (kohya files are UNet files)
 
 
 def read_lora(path: str | os.PathLike, unet_config=None) -> LoraFile:
@@ -72,16 +75,23 @@ def read_lora(path: str | os.PathLike, unet_config=None) -> LoraFile:
     path = Path(path)
     state, metadata = _read_safetensors(path)
     fmt = _detect_format(path, state)
-    modules = _from_kohya(path, state, unet_config) if fmt == "kohya" else _from_diffusers(path, state, metadata)
-    return LoraFile(path, fmt, modules, metadata)
+    if fmt == "kohya":
+        return LoraFile(path, fmt, _from_kohya(path, state, unet_config), metadata)
+    prefix = next(p for p in PREFIXES if next(iter(state)).startswith(p))
+    if any(not k.startswith(prefix) for k in state):
+        raise LoraFormatError(f"{path}: mixes the modules of a UNet and of a transformer; {LAYOUTS}")
+    return LoraFile(path, fmt, _from_diffusers(path, state, metadata, prefix), metadata, prefix)
 
 
 def write_lora(path: str | os.PathLike, modules: dict[str, LoraModule], fmt: str = "diffusers",
-               metadata: dict[str, str] | None = None) -> Path:
-    """Write atomically (temp file renamed into place), with a "format" metadata entry naming the layout."""
+               metadata: dict[str, str] | None = None, prefix: str = PREFIX) -> Path:
+    """Write atomically (temp file renamed into place), with a "format" metadata entry naming the layout. `prefix`:
+    the denoiser's name in the diffusers layout (kohya files exist for UNets only)."""
     if fmt not in FORMATS:
         raise LoraFormatError(f"unknown LoRA format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    state, extra = _to_kohya(modules) if fmt == "kohya" else _to_diffusers(modules)
+    if fmt == "kohya" and prefix != PREFIX:
+        raise LoraFormatError(f"the kohya layout holds UNet LoRAs only; write {prefix.rstrip('.')} LoRAs as diffusers")
+    state, extra = _to_kohya(modules) if fmt == "kohya" else _to_diffusers(modules, prefix)
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     with atomic_path(path) as tmp:
         save_file(state, tmp, metadata={**(metadata or {}), **extra, "format": f"{fmt}-lora"})
@@ -94,18 +104,23 @@ def merge_loras(paths: list[str | os.PathLike], weights: list[float], out: str |
     if len(paths) != len(weights):
         raise LoraFormatError(f"{len(paths)} LoRA files but {len(weights)} weights")
     files = [read_lora(p) for p in paths]
+    prefixes = {f.prefix for f in files}
+    if len(prefixes) > 1:
+        raise LoraFormatError(f"{', '.join(paths)}: LoRAs of a UNet and of a transformer cannot be merged")
     sources = json.dumps([[str(f.path), w] for f, w in zip(files, weights)])
-    return write_lora(out, merge([(f.modules, w) for f, w in zip(files, weights)]), fmt, {"hsd_merged_from": sources})
+    return write_lora(out, merge([(f.modules, w) for f, w in zip(files, weights)]), fmt, {"hsd_merged_from": sources},
+                      prefixes.pop())
 
 
 def convert_lora(src: str | os.PathLike, out: str | os.PathLike, fmt: str) -> Path:
     f = read_lora(src)
-    return write_lora(out, f.modules, fmt, {k: v for k, v in f.metadata.items() if k not in MANAGED_METADATA})
+    return write_lora(out, f.modules, fmt, {k: v for k, v in f.metadata.items() if k not in MANAGED_METADATA},
+                      f.prefix)
 
 
 def lora_summary(path: str | os.PathLike) -> dict:
     f = read_lora(path)
-    return {"file": str(f.path), "format": f.format, "modules": len(f.modules),
+    return {"file": str(f.path), "format": f.format, "denoiser": f.prefix.rstrip("."), "modules": len(f.modules),
             "ranks": sorted({m.rank for m in f.modules.values()}),
             "alphas": sorted({m.alpha for m in f.modules.values()}), "metadata": f.metadata}
 
@@ -151,7 +166,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _layout(key: str) -> str | None:
-    if key.startswith(PREFIX) and key.endswith(DIFFUSERS_KEYS):
+    if key.startswith(PREFIXES) and key.endswith(DIFFUSERS_KEYS):
         return "diffusers"
     if key.startswith(KOHYA_PREFIX) and key.endswith(KOHYA_KEYS):
         return "kohya"
@@ -182,19 +197,19 @@ def _group(path: Path, state: dict[str, torch.Tensor], suffixes: tuple[str, ...]
     return groups
 
 
-def _from_diffusers(path: Path, state, metadata: dict[str, str]) -> dict[str, LoraModule]:
+def _from_diffusers(path: Path, state, metadata: dict[str, str], prefix: str = PREFIX) -> dict[str, LoraModule]:
     try:
         stored = json.loads(metadata.get(ADAPTER_METADATA) or "{}")
     except json.JSONDecodeError as e:
         raise LoraFormatError(f"{path}: unreadable {ADAPTER_METADATA!r} metadata ({e})") from e
-    config = {k[len(PREFIX):]: v for k, v in stored.items() if k.startswith(PREFIX)}
+    config = {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
     patterns = config.get("alpha_pattern") or {}
 
     def alpha(name: str, rank: int) -> float:
         return float(patterns.get(get_pattern_key(list(patterns), name), config.get("lora_alpha", rank)))
 
-    return {base[len(PREFIX):]: LoraModule(t[".lora_A.weight"], t[".lora_B.weight"],
-                                            alpha(base[len(PREFIX):], t[".lora_A.weight"].shape[0]))
+    return {base[len(prefix):]: LoraModule(t[".lora_A.weight"], t[".lora_B.weight"],
+                                            alpha(base[len(prefix):], t[".lora_A.weight"].shape[0]))
             for base, t in _group(path, state, DIFFUSERS_KEYS).items()}
 
 
@@ -235,10 +250,11 @@ def _to_kohya(modules: dict[str, LoraModule]) -> tuple[dict[str, torch.Tensor], 
     return state, {}
 
 
-def _to_diffusers(modules: dict[str, LoraModule]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _to_diffusers(modules: dict[str, LoraModule],
+                  prefix: str = PREFIX) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     state = {}
     for name, m in modules.items():
-        state |= {f"{PREFIX}{name}.lora_A.weight": m.down, f"{PREFIX}{name}.lora_B.weight": m.up}
+        state |= {f"{prefix}{name}.lora_A.weight": m.down, f"{prefix}{name}.lora_B.weight": m.up}
     # diffusers' loaders build the adapter's LoraConfig from this, so they apply the same alphas we do
-    config = {PREFIX + k: v for k, v in peft_config_kwargs(modules).items()}
+    config = {prefix + k: v for k, v in peft_config_kwargs(modules).items()}
     return state, {ADAPTER_METADATA: json.dumps(config, sort_keys=True)}

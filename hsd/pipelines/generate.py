@@ -4,7 +4,11 @@ The recipes are the Hyper-SD README's (schedulers built from the model's own sch
   ddim     N-step LoRAs: DDIM with "trailing" spacing (so one step runs at t=999), no CFG.
   tcd      the unified 1-8 step LoRA: TCD with eta (1.0 at one step; lower keeps more detail over more steps).
   lcm      the one-step UNet (--unet): LCM at timestep 800, the timestep it was trained at.
+  euler    flow-matching models (SD3): FlowMatchEuler on the trailing sigmas linspace(1, 1/k, k) (the N-step
+           LoRAs' recipe there; "ddim" on SD3 means the same).
   default  the model's scheduler, untouched.
+`--preset` names a release recipe (PRESETS: steps, guidance, LoRA scale), e.g. hyper-sd3-8: 8 steps, CFG 5, the
+release's LoRA fused at 0.125, as the Hyper-SD README gives it (hsd's own files store their alpha: fused at 1).
 Any recipe also runs under a ControlNet (--controlnet, --control-image): diffusers' ControlNet pipeline built over
 the same loaded modules, the LoRAs already fused into its UNet (hsd/pipelines/controlnet.py).
 torch and diffusers are imported inside the functions: the main CLI builds this parser on every call,
@@ -24,23 +28,18 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ..errors import HsdError
 from ..io import atomic_path, check_output
 from .controlnet import CONTROLNET_FOLDER, FAMILY_NAMES, IMAGE_FILE
+from .recipes import PRESETS, GenerateError, apply_preset
 
-SCHEDULERS = ("ddim", "tcd", "lcm", "default")
+SCHEDULERS = ("ddim", "tcd", "lcm", "euler", "default")
+FLOW_SCHEDULERS = ("ddim", "euler", "default")  # a flow-matching model has no TCD or LCM scheduler in diffusers
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_ETA = {"tcd": 1.0}              # every other eta-taking scheduler: 0.0, i.e. deterministic DDIM
 ONE_STEP_TIMESTEPS = {"lcm": [800]}     # more steps use the scheduler's own spacing
-LORA_LAYOUTS = ("safetensors in the diffusers layout ('unet.<module>.lora_A.weight') "
-                "or the kohya layout ('lora_unet_<module>.lora_down.weight')")
-
-
+LORA_LAYOUTS = ("safetensors in the diffusers layout ('unet.<module>.lora_A.weight', 'transformer.<module>...' for "
+                "SD3) or the kohya layout ('lora_unet_<module>.lora_down.weight')")
 OTHER_ARCH = "the LoRA was trained for another architecture (e.g. an SD1.5 LoRA on an SDXL model)"
-
-
-class GenerateError(HsdError, ValueError):
-    """Arguments that cannot make images: no prompts, mismatched prompts and seeds, an unknown recipe."""
 
 
 @dataclass
@@ -52,7 +51,16 @@ class ImageGenerator:
 
     @property
     def native_size(self) -> int:
-        return self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        net = getattr(self.pipe, "unet", None) or self.pipe.transformer
+        return net.config.sample_size * self.pipe.vae_scale_factor
+
+    def _schedule(self, steps: int) -> dict:
+        """The pipeline's scheduling arguments: trailing sigmas (flow), or one-step timesteps and eta (VP)."""
+        if hasattr(self.pipe, "transformer"):
+            from ..diffusion.schedule import trailing_sigmas
+            return {} if self.scheduler == "default" else {"sigmas": trailing_sigmas(steps)}
+        timesteps = ONE_STEP_TIMESTEPS.get(self.scheduler) if steps == 1 else None
+        return {"timesteps": timesteps, "eta": self.eta or 0.0}
 
     def generate(self, prompts: list[str], steps: int, seeds: list[int], guidance: float = 0.0,
                  height: int | None = None, width: int | None = None, batch_size: int = 4,
@@ -93,12 +101,11 @@ class ImageGenerator:
         import torch
         # One CPU generator per image: its noise depends on its seed alone, not on its batch or the device.
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-        timesteps = ONE_STEP_TIMESTEPS.get(self.scheduler) if steps == 1 else None
         # A list, one per prompt: diffusers refuses a str negative prompt beside a list of prompts.
         negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
         images = self.pipe(prompt=list(prompts), negative_prompt=negative, num_inference_steps=steps,
-                           timesteps=timesteps, guidance_scale=guidance, eta=self.eta or 0.0, generator=generators,
-                           height=size[0], width=size[1], **control).images
+                           guidance_scale=guidance, generator=generators, height=size[0], width=size[1],
+                           **self._schedule(steps), **control).images
         shared = dict(steps=steps, guidance=guidance, height=size[0], width=size[1], **self.sources, **meta,
                       scheduler=self.scheduler, eta=self.eta, timesteps=self.pipe.scheduler.timesteps.tolist())
         for image, prompt, seed in zip(images, prompts, seeds):
@@ -114,13 +121,23 @@ def load_generator(model: str | Path, lora: list[tuple[str | Path, float]] = (),
     import torch
 
     from ..models.components import load_components, pipeline
+    from ..models.dit import is_dit_folder, load_dit, sd3_pipeline
     if scheduler not in SCHEDULERS or dtype not in DTYPES:
         raise GenerateError(f"scheduler must be one of {SCHEDULERS} and dtype one of {DTYPES}, "
                             f"not {scheduler!r} and {dtype!r}")
-    components = load_components(model)  # without transformers' per-encoder bars: ours is one bar over images
-    if unet:
-        components.unet = _load_unet(Path(unet), components)
-    pipe = pipeline(components)
+    if is_dit_folder(Path(model)):
+        if scheduler not in FLOW_SCHEDULERS or unet or controlnet:
+            raise GenerateError(f"{model} is a flow-matching model (SD3): --scheduler one of "
+                                f"{', '.join(FLOW_SCHEDULERS)}, and no --unet or --controlnet")
+        components = load_dit(model)
+        pipe = sd3_pipeline(components)
+    else:
+        if scheduler == "euler":
+            raise GenerateError(f"--scheduler euler is for flow-matching models (SD3); {model} is a UNet model")
+        components = load_components(model)  # without transformers' per-encoder bars: ours is one bar over images
+        if unet:
+            components.unet = _load_unet(Path(unet), components)
+        pipe = pipeline(components)
     for i, (path, weight) in enumerate(lora):
         _fuse_lora(pipe, Path(path), weight, f"lora{i}", components.family)
     if controlnet:
@@ -132,7 +149,7 @@ def load_generator(model: str | Path, lora: list[tuple[str | Path, float]] = (),
     if dtype != "float32":
         pipe.to(dtype=getattr(torch, dtype))
     pipe.set_progress_bar_config(disable=True)       # callers show one bar over images, not one per batch
-    if scheduler != "default":
+    if scheduler != "default" and not hasattr(pipe, "transformer"):  # flow: the model's Euler, given sigmas
         pipe.scheduler = recipe_scheduler(scheduler, pipe.scheduler.config)
     takes_eta = "eta" in inspect.signature(pipe.scheduler.step).parameters
     eta = (DEFAULT_ETA.get(scheduler, 0.0) if eta is None else eta) if takes_eta else None
@@ -183,7 +200,7 @@ def _fuse_lora(pipe, path: Path, weight: float, name: str, family: str) -> None:
     from ..models.components import ModelError
     if not path.is_file():
         raise ModelError(f"LoRA file not found: {path}")
-    _check_lora_fits(pipe.unet, path, family)
+    _check_lora_fits(getattr(pipe, "unet", None) or pipe.transformer, path, family)
     try:
         pipe.load_lora_weights(str(path), adapter_name=name)
     except Exception as e:  # foreign layouts fail deep inside diffusers (ValueError, KeyError, IndexError...)
@@ -208,7 +225,12 @@ def _check_lora_fits(unet, path: Path, family: str) -> None:
         lora = read_lora(path, unet.config)
     except LoraFormatError:
         return
-    layers, missing, model = dict(unet.named_modules()), [], f"this {FAMILY_NAMES.get(family, family)} model's UNet"
+    from ..models.denoisers import lora_prefix
+    kind = lora_prefix(unet).rstrip(".")
+    if lora.prefix != lora_prefix(unet):
+        raise ModelError(f"{path} is a LoRA of a {lora.prefix.rstrip('.')}, but this model's denoiser is a {kind}: "
+                         f"{OTHER_ARCH}")
+    layers, missing, model = dict(unet.named_modules()), [], f"this {FAMILY_NAMES.get(family, family)} model's {kind}"
     for name, m in lora.modules.items():
         layer = layers.get(name)
         layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
@@ -271,6 +293,7 @@ def run_generate(args) -> list[Path]:
     """Every prompt x seed, once per step count; PNGs named by prompt index, seed and steps."""
     from tqdm import tqdm
     check_output(args.out, "--out (the image folder)")
+    apply_preset(args)
     prompts = read_prompts(args.prompts) if args.prompts else args.prompt
     control_image = _control_args(args)      # before the models load: a bad image fails in a blink
     if args.negative_prompt is not None and args.guidance <= 1:
@@ -311,13 +334,18 @@ def cmd_generate(args) -> None:
     print(f"wrote {len(written)} images to {args.out}")
 
 
-def parse_lora(spec: str) -> tuple[str, float]:
-    """FILE[:WEIGHT]; a ':' not followed by a number belongs to the path."""
+def parse_lora(spec: str, default: float | None = 1.0) -> tuple[str, float | None]:
+    """FILE[:WEIGHT]; a ':' not followed by a number belongs to the path; no weight: `default`."""
     path, sep, weight = spec.rpartition(":")
     try:
-        return (path, float(weight)) if sep else (spec, 1.0)
+        return (path, float(weight)) if sep else (spec, default)
     except ValueError:
-        return spec, 1.0
+        return spec, default
+
+
+def lora_or_preset(spec: str) -> tuple[str, float | None]:
+    """`hsd generate --lora`: no weight is None, filled from --preset (or 1) by `apply_preset`."""
+    return parse_lora(spec, None)
 
 
 def positive_int(text: str) -> int:
@@ -329,21 +357,26 @@ def positive_int(text: str) -> int:
 
 def add_generate_command(subparsers) -> argparse.ArgumentParser:
     g = subparsers.add_parser("generate", help="images with the Hyper-SD recipes; PNGs carry their settings")
-    g.add_argument("--model", required=True, help="diffusers pipeline folder (SD1.5 or SDXL)")
-    g.add_argument("--lora", type=parse_lora, nargs="+", action="extend", default=[], metavar="FILE[:WEIGHT]",
-                   help="LoRA safetensors (diffusers or kohya layout), fused at WEIGHT (default 1)")
+    g.add_argument("--model", required=True, help="diffusers pipeline folder (SD1.5, SDXL or SD3)")
+    g.add_argument("--lora", type=lora_or_preset, nargs="+", action="extend", default=[], metavar="FILE[:WEIGHT]",
+                   help="LoRA safetensors (diffusers or kohya layout), fused at WEIGHT (default 1, or the preset's)")
     g.add_argument("--unet", help="UNet folder or .safetensors replacing the model's (the one-step UNet)")
     g.add_argument("--scheduler", choices=SCHEDULERS, default="ddim",
-                   help="ddim: N-step LoRAs; tcd: unified LoRA; lcm: one-step UNet (t=800); default: the model's")
+                   help="ddim: N-step LoRAs; tcd: unified LoRA; lcm: one-step UNet (t=800); euler: flow-matching "
+                        "models (SD3; ddim means the same there); default: the model's")
     g.add_argument("--eta", type=float, help="TCD/DDIM eta (default: 1.0 for tcd, 0 for ddim)")
-    g.add_argument("--steps", type=positive_int, nargs="+", required=True, help="one image set per step count")
+    g.add_argument("--steps", type=positive_int, nargs="+", help="one image set per step count (required unless "
+                                                                     "--preset gives them)")
+    g.add_argument("--preset", choices=list(PRESETS), help="a release recipe: its steps and guidance (unless given) "
+                                                           "and its LoRA scale for a --lora without :WEIGHT")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", nargs="+", action="extend", metavar="TEXT")
     src.add_argument("--prompts", type=Path, metavar="FILE", help="text file, one prompt per line")
     g.add_argument("--seed", type=int, default=0, help="image j of every prompt uses seed + j")
     g.add_argument("--n-per-prompt", type=positive_int, default=1)
     g.add_argument("--batch-size", type=positive_int, default=4)
-    g.add_argument("--guidance", type=float, default=0.0, help="CFG scale; <= 1 disables CFG, as the recipes do")
+    g.add_argument("--guidance", type=float, help="CFG scale; <= 1 disables CFG, as the recipes do (default 0, or the "
+                                                  "preset's)")
     g.add_argument("--negative-prompt", metavar="TEXT",
                    help="one negative prompt for all images; acts only with --guidance > 1 (the CFG-preserving "
                         "LoRAs' use, at guidance 5-8)")

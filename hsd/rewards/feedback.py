@@ -43,7 +43,9 @@ class VaeDecoder(nn.Module):
 
     def forward(self, latents: Tensor) -> Tensor:
         with torch.autocast(latents.device.type, enabled=False):  # the SDXL VAE overflows in half precision
-            x = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+            scaled = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+            shift = self.vae.config.get("shift_factor")  # SD3 / FLUX VAEs: latents are (z - shift) * scale
+            x = self.vae.decode(scaled + shift if shift else scaled).sample
         return (x.float() / 2 + 0.5).clamp(0, 1)  # ReFL's mapping; saturated pixels pass no gradient
 
     def encode(self, pixels: Tensor, g: torch.Generator) -> Tensor:

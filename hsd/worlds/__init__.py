@@ -1,13 +1,14 @@
 """The worlds a run trains in, built by name: the lab (exact metrics) and SD1.5 / SDXL (the user's weights).
 
 Each world is one module behind the `World` protocol (hsd.worlds.base); `hsd.train` drives any of them the same
-way, and `hsd.config` asks the named world to check the settings it alone knows.
+way. The names live in hsd.names (torch-free, read by the config and the CLI too); each world's config rules live
+in hsd.config.worlds, so the config never imports a world module.
 """
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..errors import ConfigError
+from ..names import WORLDS
 from .base import Artefacts, World
 from .lab import Lab
 from .sd import SD
@@ -15,16 +16,10 @@ from .sd import SD
 if TYPE_CHECKING:
     from ..config import Run
 
-WORLDS: dict[str, type] = {"lab": Lab, "sd15": SD, "sdxl": SD}
+CLASSES: dict[str, type] = {"lab": Lab, "sd": SD}  # the modules hsd.names.WORLDS points at
 
-__all__ = ["WORLDS", "Artefacts", "Lab", "SD", "World", "build_world", "check_world"]
-
-
-def check_world(run: Run) -> None:
-    if run.world not in WORLDS:
-        raise ConfigError(f"world must be one of {', '.join(WORLDS)}, got {run.world!r}")
-    WORLDS[run.world].check(run)
+__all__ = ["CLASSES", "Artefacts", "Lab", "SD", "World", "build_world"]
 
 
 def build_world(run: Run) -> World:
-    return WORLDS[run.world](run)
+    return CLASSES[WORLDS[run.world]](run)

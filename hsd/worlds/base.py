@@ -9,7 +9,6 @@ if TYPE_CHECKING:
     import lightning as L
     from torch import nn
 
-    from ..config import Run
     from ..diffusion.schedule import NoiseSchedule
     from ..models.adapters import Adapters
     from ..rewards.feedback import FeedbackLoss
@@ -24,15 +23,12 @@ class Artefacts:
 
 
 class World(Protocol):
-    """A world built from a validated Run: the UNet to distil, its schedule, its frozen encoder, its data and rewards,
-    and the report of a finished run. Every stage reads its batches as `hsd.data.batch.Batch`."""
+    """A world built from a validated Run (its config rules: hsd.config.worlds): the denoiser to distil (`unet`: a UNet
+    or a transformer), its schedule, its frozen encoder, its data and rewards, and the report of a finished run. Every
+    stage reads its batches as `hsd.data.batch.Batch`."""
     unet: nn.Module
     schedule: NoiseSchedule
     encoder: nn.Module | None  # raw batch -> Batch (frozen VAE + text); None when the data is already encoded
-
-    @staticmethod
-    def check(run: Run) -> None:
-        """Refuse, with a ConfigError, settings this world cannot run."""
 
     def data(self, batches: int, seed: int, batch_size: int) -> L.LightningDataModule:
         """`batches` micro-batches per rank, each rebuilt from its global index and `seed`."""

@@ -15,13 +15,14 @@ from torch.utils.data import DataLoader
 
 from ..data.batch import EpochLoader, IndexedBatches, RawBatch, batches_done, rank_of
 from ..diffusion.schedule import NoiseSchedule
-from ..errors import ConfigError
+from ..diffusion.solvers import expand_cond, index_cond
 from ..io import atomic_path
 from ..lab.evaluate import LabEvaluator, write_table
 from ..lab.plots import save_plot
 from ..lab.teacher import load_teacher, teacher_path
 from ..lab.world import LabWorld
 from ..models.adapters import FEEDBACK, TSCD
+from ..models.denoisers import denoiser_class
 from ..rewards.feedback import FeedbackLoss
 from .base import labelled_grid, log_image
 
@@ -29,9 +30,6 @@ if TYPE_CHECKING:
     from ..config import Run
     from ..models.adapters import Adapters
     from .base import Artefacts
-
-REWARDS = ("lab",)
-
 
 class LabData(L.LightningDataModule):
     """Lab samples: class labels, clean x0 from the exact mixture, prompt embeddings (cond and uncond). Batch
@@ -46,8 +44,8 @@ class LabData(L.LightningDataModule):
     def make_batch(self, index: int) -> RawBatch:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         labels = torch.randint(self.world.n_classes, (self.batch_size,), generator=g)
-        return {"x0": self.world.sample(labels, g).float(), "labels": labels, "cond": self.emb[labels],
-                "uncond": self.empty.expand(self.batch_size, -1, -1)}
+        return {"x0": self.world.sample(labels, g).float(), "labels": labels, "cond": index_cond(self.emb, labels),
+                "uncond": expand_cond(self.empty, self.batch_size)}
 
     def train_dataloader(self) -> DataLoader:
         # Called after a checkpoint is restored: start at the first batch not yet trained on.
@@ -93,18 +91,10 @@ class Lab:
         eval_seed = cfg.seed if cfg.lab.eval_seed < 0 else cfg.lab.eval_seed
         self.evaluator = LabEvaluator(self.world, teacher, cfg.lab, eval_seed)
 
-    @staticmethod
-    def check(run: Run) -> None:
-        f = run.feedback
-        unknown = sorted(set(f.rewards) - set(REWARDS))
-        if unknown:
-            raise ConfigError(f"feedback.rewards: unknown reward(s) {unknown} for world 'lab'; known: "
-                              f"{', '.join(REWARDS)}")
-        if f.instance_weight and (f.iterations or run.dmd.w_feedback):
-            raise ConfigError("feedback.instance_weight: the instance loss needs COCO and SOLO (SD worlds only)")
-
     def data(self, batches: int, seed: int, batch_size: int) -> L.LightningDataModule:
-        return LabData(self.world, self.emb[:-1], self.emb[-1:], batch_size, batches, seed)
+        n = self.world.n_classes
+        return LabData(self.world, index_cond(self.emb, slice(0, n)), index_cond(self.emb, slice(n, n + 1)), batch_size,
+                       batches, seed)
 
     def callbacks(self, k: int) -> list[L.Callback]:
         return [LabSamples(self.evaluator, k)]
@@ -198,6 +188,5 @@ def add_dmd_rows(cfg: Run, ev: LabEvaluator, adapters: Adapters, path: Path, add
         adapters.load(path)
         add(ev.row(f"DMD one-step LoRA (t={d.timestep})", unet, 1, "lcm", timestep=d.timestep))
     else:
-        from diffusers import UNet2DConditionModel
-        add(ev.row(f"DMD one-step UNet (t={d.timestep})", UNet2DConditionModel.from_pretrained(path), 1, "lcm",
+        add(ev.row(f"DMD one-step UNet (t={d.timestep})", denoiser_class(unet).from_pretrained(path), 1, "lcm",
                    timestep=d.timestep))

@@ -1,4 +1,4 @@
-"""SD1.5 / SDXL from the user's local weights: image-text data from shards or a folder, the frozen VAE and text
+"""SD1.5 / SDXL / SD3 from the user's local weights: image-text data from shards or a folder, the frozen VAE and text
 encoders, hsd.scorers' scorers as rewards (the modules the eval package scores with), SOLO's instance loss, and a
 report of the LoRA files made."""
 from __future__ import annotations
@@ -10,7 +10,6 @@ import lightning as L
 import torch
 
 from ..diffusion.schedule import NoiseSchedule
-from ..errors import ConfigError
 from ..rewards.feedback import FeedbackLoss
 from .base import log_image
 
@@ -18,8 +17,6 @@ if TYPE_CHECKING:
     from ..config import Run
     from ..models.adapters import Adapters
     from .base import Artefacts
-
-REWARDS = ("Aes", "ImageReward", "CLIP", "PickScore")
 
 
 class SDSamples(L.Callback):
@@ -33,17 +30,28 @@ class SDSamples(L.Callback):
         from lightning.pytorch.strategies import FSDPStrategy
         if trainer.global_rank != 0 or not self.captions or isinstance(trainer.strategy, FSDPStrategy):
             return
-        from ..models.components import pipeline
-        from ..pipelines.generate import recipe_scheduler
-        pipe = pipeline(self.components)
-        pipe.scheduler = recipe_scheduler("ddim", pipe.scheduler.config)
+        pipe, extra = student_pipeline(self.components, self.steps)
         pipe.set_progress_bar_config(disable=True)
         # Frozen weights may be bf16 beside an fp32 VAE and LoRA: autocast lets the pipeline mix them.
         half = module.unet.dtype != torch.float32
         with torch.no_grad(), torch.autocast(module.device.type, dtype=module.unet.dtype, enabled=half):
             x = pipe(self.captions, num_inference_steps=self.steps, guidance_scale=0.0, height=self.res,
-                     width=self.res, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+                     width=self.res, output_type="pt", generator=torch.Generator().manual_seed(0), **extra).images
         log_image(trainer, f"samples/k{module.stage.k}_{self.steps}step", x.float().cpu(), self.captions, nrow=1)
+
+
+def student_pipeline(components, steps: int):
+    """(the stock pipeline, its extra arguments) that samples a k-step student: DDIM trailing (SD1.5/SDXL) or the
+    flow-matching Euler scheduler on the trailing sigmas (SD3)."""
+    from ..models.dit import DiTComponents, sd3_pipeline
+    if isinstance(components, DiTComponents):
+        from ..diffusion.schedule import trailing_sigmas
+        return sd3_pipeline(components), {"sigmas": trailing_sigmas(steps)}
+    from ..models.components import pipeline
+    from ..pipelines.generate import recipe_scheduler
+    pipe = pipeline(components)
+    pipe.scheduler = recipe_scheduler("ddim", pipe.scheduler.config)
+    return pipe, {}
 
 
 def check_files(cfg: Run) -> None:
@@ -89,15 +97,19 @@ class SD:
         from ..data import FolderSource, ShardSource
         from ..data.sources import check_enough
         from ..models.components import check_family, load_components
-        from ..models.conditioning import LatentEncoder, TextConditioner
+        from ..models.conditioning import LatentEncoder, PipelineText, TextConditioner
         self.cfg, m, d = cfg, cfg.model, cfg.data
         check_files(cfg)  # every path the run will read, before any weights load or any trainer starts
         self.source = (ShardSource(d.shards, d.missing_captions) if d.shards else
                        FolderSource(d.folder, d.missing_captions))
         need, why = one_batch(cfg)
         check_enough(self.source, need, why)
-        self.components = c = load_components(m.path, m.vae, m.config)
-        check_family(c, cfg.world, m.path)
+        if cfg.world == "sd3":
+            from ..models.dit import load_dit
+            self.components = c = load_dit(m.path)
+        else:
+            self.components = c = load_components(m.path, m.vae, m.config)
+            check_family(c, cfg.world, m.path)
         frozen = getattr(torch, m.frozen_dtype)
         # a dtype cast, even to float32, makes diffusers warn about "modules kept in float32: []"
         self.unet = c.unet.to(frozen) if frozen != torch.float32 else c.unet
@@ -106,26 +118,8 @@ class SD:
         if m.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.schedule = NoiseSchedule.from_scheduler(c.scheduler)
-        text = TextConditioner(c.family, c.text_encoders, c.tokenizers)
+        text = PipelineText(c) if c.family == "sd3" else TextConditioner(c.family, c.text_encoders, c.tokenizers)
         self.encoder = LatentEncoder(c.vae, text, m.resolution, getattr(torch, m.vae_dtype))
-
-    @staticmethod
-    def check(run: Run) -> None:
-        f, world = run.feedback, run.world
-        unknown = sorted(set(f.rewards) - set(REWARDS))
-        if unknown:
-            raise ConfigError(f"feedback.rewards: unknown reward(s) {unknown} for world {world!r}; known: "
-                              f"{', '.join(REWARDS)}")
-        if f.iterations or run.dmd.w_feedback:
-            if f.rewards and not f.scorers:
-                raise ConfigError("feedback.rewards needs feedback.scorers: the scorer weights folder (docs/eval.md)")
-            missing = [k for k in ("solo", "coco_annotations", "coco_images", "coco_captions") if not getattr(f, k)]
-            if f.instance_weight and missing:
-                raise ConfigError(f"feedback.instance_weight > 0 needs feedback.{', feedback.'.join(missing)}")
-        if not run.model.path:
-            raise ConfigError(f"world {world!r} needs model.path: a local diffusers folder or .safetensors file")
-        if bool(run.data.shards) == bool(run.data.folder):
-            raise ConfigError("set exactly one of data.shards (webdataset) and data.folder (images + .txt)")
 
     def data(self, batches: int, seed: int, batch_size: int) -> L.LightningDataModule:
         from ..data import ImageTextData
@@ -156,23 +150,28 @@ class SD:
         return FeedbackLoss(f, rewards, instance)
 
     def report(self, made: Artefacts, out: Path, adapters: Adapters) -> str:
-        model = self.cfg.model.path
+        model, flow = self.cfg.model.path, self.cfg.world == "sd3"  # SD3: diffusers-layout files, Euler sampling
+
+        def kohya(path: Path) -> str:
+            return "" if flow else str(path.with_suffix(".kohya.safetensors"))
+
+        def usable(path: Path) -> str:
+            return kohya(path) or str(path)
+
         lines = [f"# {self.cfg.name}: {self.cfg.world} artefacts", "",
                  "| Stage | diffusers LoRA | kohya LoRA | sample with |", "|---|---|---|---|"]
         for k, path in made.tscd:
-            kohya = path.with_suffix(".kohya.safetensors")
-            lines.append(f"| TSCD k={k} | {path} | {kohya} | hsd generate --model {model} "
-                         f"--lora {kohya} --scheduler ddim --steps {k} |")
+            lines.append(f"| TSCD k={k} | {path} | {kohya(path)} | hsd generate --model {model} --lora {usable(path)} "
+                         f"--scheduler {'euler' if flow else 'ddim'} --steps {k} |")
         if made.feedback is not None and made.tscd:
-            base = made.tscd[-1][1].with_suffix(".kohya.safetensors")
-            kohya = made.feedback.with_suffix(".kohya.safetensors")
-            lines.append(f"| feedback | {made.feedback} | {kohya} | hsd lora merge {base} {kohya}:1.0 --out "
-                         f"{out}/merged.safetensors |")
+            base = usable(made.tscd[-1][1])
+            lines.append(f"| feedback | {made.feedback} | {kohya(made.feedback)} | hsd lora merge {base} "
+                         f"{usable(made.feedback)}:1.0 --out {out}/merged.safetensors |")
         if made.dmd is not None and self.cfg.dmd.generator == "lora":
-            kohya = made.dmd.with_suffix(".kohya.safetensors")
-            recipe = "tcd --steps 1 2 4 8" if self.cfg.dmd.timestep == 999 else "lcm --steps 1"
-            lines.append(f"| DMD (t={self.cfg.dmd.timestep}) | {made.dmd} | {kohya} | hsd generate --model {model} "
-                         f"--lora {kohya} --scheduler {recipe} |")
+            recipe = ("euler --steps 1 2 4 8" if flow else "tcd --steps 1 2 4 8") if self.cfg.dmd.timestep == 999 \
+                else "lcm --steps 1"
+            lines.append(f"| DMD (t={self.cfg.dmd.timestep}) | {made.dmd} | {kohya(made.dmd)} | hsd generate --model "
+                         f"{model} --lora {usable(made.dmd)} --scheduler {recipe} |")
         elif made.dmd is not None:
             lines.append(f"| DMD one-step UNet | {made.dmd} | | hsd generate --model {model} --unet {made.dmd} "
                          f"--scheduler lcm --steps 1 |")

@@ -1,8 +1,8 @@
 """Per-rank GPU memory of a configured recipe: the arithmetic and the table (no torch here).
 
 A stage's `Footprint` holds what it keeps on the device, counted on the real architecture built on the meta device
-(hsd.memory_build), and the timeline of live bytes while its training_step runs under FakeTensorMode
-(hsd.memory_trace). `per_rank` turns it into per-rank terms for a strategy and a number of ranks:
+(hsd.memory.build), and the timeline of live bytes while its training_step runs under FakeTensorMode
+(hsd.memory.trace). `per_rank` turns it into per-rank terms for a strategy and a number of ranks:
 
 - ddp / auto: every tensor on every rank; with more than one rank DDP's gradient buckets, one more copy of every
   tensor that requires grad when the module is wrapped (gradient_as_bucket_view is off in Lightning's default).

@@ -1,5 +1,5 @@
 """Each stage's `hsd.memory.Footprint`: its LightningModule built on the plan's parts, what it holds counted tensor by
-tensor, and its training_step traced under FakeTensorMode (hsd.memory_trace) for the activations."""
+tensor, and its training_step traced under FakeTensorMode (hsd.memory.trace) for the activations."""
 from __future__ import annotations
 
 import math
@@ -7,9 +7,9 @@ import re
 
 import torch
 
-from .config import Run
-from .memory import Footprint
-from .memory_build import (
+from ..config import Run
+from . import Footprint
+from .build import (
     HALF_MIXED,
     TRUE_DTYPES,
     Parts,
@@ -21,27 +21,19 @@ from .memory_build import (
     optimizer_groups,
     plan,
 )
-from .memory_trace import LiveBytes, Replay, fake_mode, fakeify, trace_step
+from .trace import LiveBytes, Replay, fake_mode, fakeify, trace_step
 
 
 def load_run(paths: list[str], overrides: list[str]) -> Run:
     """The config as hsd.config loads it, every rule checked but the world's files (model.path, data, scorer
     and COCO paths): the memory model reads none of them."""
-    import hsd.worlds as worlds
-
-    from .config import load_config
-    from .errors import ConfigError
-    check = worlds.check_world
-
-    def world_name_only(run: Run) -> None:
-        if run.world not in ("sd15", "sdxl"):
-            raise ConfigError(f"hsd memory models the sd15 and sdxl worlds, got world {run.world!r} (the lab "
-                              f"world trains on a CPU in minutes)")
-    worlds.check_world = world_name_only  # hsd.config.validate asks hsd.worlds for it at call time
-    try:
-        return load_config(paths, overrides)
-    finally:
-        worlds.check_world = check
+    from ..config import load_config
+    from ..errors import ConfigError
+    run = load_config(paths, overrides, inputs=False)
+    if run.world not in ("sd15", "sdxl"):
+        raise ConfigError(f"hsd memory models the sd15 and sdxl worlds, got world {run.world!r} (the lab "
+                          f"world trains on a CPU in minutes)")
+    return run
 
 
 _ADAPTER = re.compile(r"\.lora_[AB]\.([^.]+)\.")
@@ -262,7 +254,7 @@ def _not_counted(cfg: Run, spec: StageSpec) -> list[str]:
 
 
 def header(cfg: Run, paths: list[str], gpus: int) -> str:
-    from .memory import effective_strategy
+    from . import effective_strategy
     m, kind = cfg.model, effective_strategy(cfg.trainer.strategy, gpus)
     how = {"ddp": "every tensor on every rank, plus DDP's gradient buckets",
            "single device": "one rank holds everything",
@@ -278,7 +270,7 @@ def header(cfg: Run, paths: list[str], gpus: int) -> str:
 def memory_report(cfg: Run, paths: list[str], gpus: int, gpu_gib: float, sizes: list[int] | None = None,
                   activations: bool = True, log=None) -> str:
     """What `hsd memory` prints: the header, one table per micro-batch size, the notes."""
-    from .memory import notes, table
+    from . import notes, table
     runs = sweep(cfg, list(sizes or [None]), activations=activations, log=log)
     blocks = [header(cfg, paths, gpus)] + [table(fps, cfg.trainer.strategy, gpus, gpu_gib) for fps in runs.values()]
     last = list(runs.values())[-1]

@@ -1,5 +1,5 @@
 """A configured run's parts as `hsd.worlds.sd` and `hsd.train` build them, on the meta device (no weights), and
-each stage's LightningModule on them (hsd.memory_stage counts and traces them).
+each stage's LightningModule on them (hsd.memory.stage counts and traces them).
 
 The parts of the whole plan are built once: the components of the registered architecture (the world's, or a
 tiny one), every LoRA adapter the plan attaches, the discriminator, DMD's full copies (the same `Adapters.fused`
@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import Run
-from .errors import ConfigError
-from .models.adapters import FAKE, FEEDBACK, PREVIOUS, TSCD, Adapters
+from ..config import Run
+from ..errors import ConfigError
+from ..models.adapters import FAKE, FEEDBACK, PREVIOUS, TSCD, Adapters
 
 REWARD_SCORERS = ("Aes", "ImageReward", "CLIP", "PickScore")
 # Lightning's precision names -> the dtype every module is cast to ("-true" precisions)
@@ -93,10 +93,10 @@ def build_parts(cfg: Run, arch: str) -> Parts:
 def _build_parts(cfg: Run, arch: str, meta: torch.device) -> Parts:
     from diffusers import DDIMScheduler
 
-    from .diffusion.schedule import NoiseSchedule
-    from .models.components import ARCHS, build_components
-    from .models.conditioning import LatentEncoder, TextConditioner
-    from .models.discriminator import build_discriminator
+    from ..diffusion.schedule import NoiseSchedule
+    from ..models.components import ARCHS, build_components
+    from ..models.conditioning import LatentEncoder, TextConditioner
+    from ..models.discriminator import build_discriminator
     m = cfg.model
     with meta:
         c = build_components(arch, seed=cfg.seed)
@@ -137,10 +137,10 @@ def modules_of(parts: Parts) -> list[nn.Module]:
 
 def _scorers(cfg: Run, size: str) -> dict[str, nn.Module]:
     """hsd.scorers' reward modules with the architectures `load_scorers` builds (random weights: meta here)."""
-    from .scorers import clip
-    from .scorers.heads import ScoreHead
-    from .scorers.random_weights import CLIP_ARCH, PICKSCORE_REAL, PICKSCORE_TINY
-    from .scorers.scorers import AestheticScorer, ClipScorer, PickScorer
+    from ..scorers import clip
+    from ..scorers.heads import ScoreHead
+    from ..scorers.random_weights import CLIP_ARCH, PICKSCORE_REAL, PICKSCORE_TINY
+    from ..scorers.scorers import AestheticScorer, ClipScorer, PickScorer
     names = set(cfg.feedback.rewards)
     unknown = sorted(names - set(REWARD_SCORERS))
     if unknown:
@@ -162,7 +162,7 @@ def _scorers(cfg: Run, size: str) -> dict[str, nn.Module]:
 def _pickscore(arch: dict, scorer_cls):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from .scorers import clip
+    from ..scorers import clip
     model = CLIPModel(CLIPConfig(projection_dim=arch["projection_dim"], text_config=arch["text_config"],
                                  vision_config=arch["vision_config"]))
     with tempfile.TemporaryDirectory() as tmp, torch.device("cpu"):
@@ -175,10 +175,10 @@ def _imagereward(size: str):
     from transformers.models.blip.modeling_blip import BlipVisionModel
     from transformers.models.blip.modeling_blip_text import BlipTextModel
 
-    from .scorers.heads import ScoreHead
-    from .scorers.imagereward import ImageRewardScorer, _text_config, _tokenizer, _vision_config
-    from .scorers.imagereward_weights import imagereward_official_shapes, med_config_for, write_bert_vocab
-    from .scorers.random_weights import BERT_REAL, BERT_TINY
+    from ..scorers.heads import ScoreHead
+    from ..scorers.imagereward import ImageRewardScorer, _text_config, _tokenizer, _vision_config
+    from ..scorers.imagereward_weights import imagereward_official_shapes, med_config_for, write_bert_vocab
+    from ..scorers.random_weights import BERT_REAL, BERT_TINY
     med = med_config_for(**(BERT_REAL if size == "real" else BERT_TINY))
     shapes = imagereward_official_shapes(med, None if size == "real" else dict(width=64, depth=2))
     layout = {k: torch.empty(shape, dtype=dtype, device="meta") for k, (shape, dtype) in shapes.items()}
@@ -213,7 +213,7 @@ class _StandInLoss(nn.Module):
 
 def _feedback_loss(cfg: Run, encoder, scorers: dict):
     """hsd.worlds.sd.SD.feedback_loss on these parts (SOLO and COCO replaced by the stand-ins above)."""
-    from .rewards.feedback import FeedbackLoss, InstanceTerm, ScorerRewards, VaeDecoder
+    from ..rewards.feedback import FeedbackLoss, InstanceTerm, ScorerRewards, VaeDecoder
     f, decoder = cfg.feedback, VaeDecoder(encoder.vae)
     rewards = ScorerRewards(decoder, scorers) if f.rewards else None
     instance = None
@@ -226,10 +226,10 @@ def _feedback_loss(cfg: Run, encoder, scorers: dict):
 def build_module(parts: Parts, spec: StageSpec, fsdp: bool, quick: bool = True):
     """The stage's LightningModule as hsd.train builds it (DMD with quick: one fake update and one teacher
     step of the MSE target: each repeat holds the same memory as the first, and they run one after another)."""
-    from .lit.consistency import ConsistencyPair
-    from .lit.dmd import DMDModule
-    from .lit.feedback import FeedbackModule
-    from .lit.tscd import TSCDModule
+    from ..lit.consistency import ConsistencyPair
+    from ..lit.dmd import DMDModule
+    from ..lit.feedback import FeedbackModule
+    from ..lit.tscd import TSCDModule
     cfg, common = parts.cfg, dict(encoder=parts.encoder, fsdp=fsdp)
     if spec.kind == "tscd":
         t = replace(cfg.tscd, optimizer="adamw")  # the moments' size is counted from the config, not built here
