@@ -94,8 +94,9 @@ def env(res: Result, p: dict, dev: str, work: Path) -> None:
 
 
 def tscd(res: Result, p: dict, dev: str, work: Path) -> None:
-    """sd_train_memory's TSCD step (discriminator on) per micro-batch, checkpointing off/on, then its 1-step
-    generation latency (hsd's generator vs. the stock pipeline); rows that would overrun the budget are skipped."""
+    """sd_train_memory's TSCD step (discriminator on for a UNet) per micro-batch, checkpointing off/on, then its k-step
+    generation latency (hsd's generator vs. the stock pipeline: 1 step for SD1.5/SDXL, 4 for SD3); rows that would
+    overrun the budget are skipped."""
     import sd_train_memory as sdm
     import torch
     args = sdm.parser().parse_args(["--arch", p["arch"], "--resolution", str(p["resolution"]), "--device", dev,
@@ -105,9 +106,10 @@ def tscd(res: Result, p: dict, dev: str, work: Path) -> None:
     with torch.device(dev):
         comps = sdm.prepare(args)
     comps.scheduler = cpu_scheduler(comps.scheduler)
+    disc = "on (the recipe's adversarial stages)" if sdm.adversarial(comps, args) else "off (a transformer)"
+    gen = f"{sdm.generation_steps(comps)}-step generation"
     res.note(f"{p['arch']} drawn on {dev} in {time.perf_counter() - t:.1f} s; frozen weights bf16, LoRA rank 64 fp32, "
-             f"bf16-mixed, discriminator on (the recipe's adversarial stages), {args.steps} timed steps after "
-             f"{args.warmup} warm-up")
+             f"bf16-mixed, discriminator {disc}, {args.steps} timed steps after {args.warmup} warm-up")
     last = None  # (seconds, micro-batch) of the last row that ran
     for micro in p["micro"]:
         for ckpt in (False, True):
@@ -127,13 +129,13 @@ def tscd(res: Result, p: dict, dev: str, work: Path) -> None:
             free(dev)
             last = (time.perf_counter() - t, micro)
     if res.left() < 3:
-        res.add("1-step generation", table="generation", skipped="skipped: no time left in the measurement's budget")
+        res.add(gen, table="generation", skipped="skipped: no time left in the measurement's budget")
         return
     comps.unet.disable_adapters()  # as sd_train_memory: a fused LoRA costs the base architecture's time
     ours, stock = sdm.generation_latency(comps, args)
-    res.add("1-step generation", table="generation",
-            values={"hsd_ms": ours * 1000, "stock_ms": stock * 1000, "ratio": ours / stock},
-            note=f"{p['resolution']} px, DDIM trailing, guidance 0, medians of {args.steps} after 2 warm-up")
+    sampler = "Euler on the trailing sigmas, guidance 3" if comps.family == "sd3" else "DDIM trailing, guidance 0"
+    res.add(gen, table="generation", values={"hsd_ms": ours * 1000, "stock_ms": stock * 1000, "ratio": ours / stock},
+            note=f"{p['resolution']} px, {sampler}, medians of {args.steps} after 2 warm-up")
 
 
 def dmd(res: Result, p: dict, dev: str, work: Path) -> None:
@@ -269,7 +271,7 @@ def evaluate(res: Result, p: dict, dev: str, work: Path) -> None:
         note="decode once, one crop, batched scorers, records appended; the first batch's warm-up included")
 
 
-MEASUREMENTS = {"env": env, "tscd_sd15": tscd, "tscd_sdxl": tscd, "dmd_sdxl": dmd, "scorers": scorers,
+MEASUREMENTS = {"env": env, "tscd_sd15": tscd, "tscd_sdxl": tscd, "tscd_sd3": tscd, "dmd_sdxl": dmd, "scorers": scorers,
                 "feedback_sd15": feedback, "eval": evaluate}
 
 

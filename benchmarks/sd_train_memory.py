@@ -1,11 +1,13 @@
 """TSCD training throughput and peak memory per micro-batch size, with and without gradient checkpointing,
-plus 1-step generation latency of `hsd generate`'s path vs. the stock diffusers pipeline (same fused LoRA).
+plus k-step generation latency of `hsd generate`'s path vs. the stock diffusers pipeline (same fused LoRA): 1 step
+DDIM trailing for SD1.5/SDXL, 4 Euler steps on the trailing sigmas for SD3 (the release's Hyper-SD3 4-step recipe).
 
 Runs the real code path: random-weight components of a registered architecture, the TSCD LightningModule
-(discriminator on when --w-adv > 0) under Lightning's Trainer with the chosen precision. Meant for a GPU:
+(discriminator on when --w-adv > 0; a transformer has none: docs/flow.md) under Lightning's Trainer with the chosen precision. Meant for a GPU:
 
     python benchmarks/sd_train_memory.py --arch sd15 --resolution 512 --micro-batches 1 2 4 8 --device cuda
     python benchmarks/sd_train_memory.py --arch sdxl --resolution 1024 --micro-batches 1 2 --device cuda
+    python benchmarks/sd_train_memory.py --arch sd3 --resolution 1024 --micro-batches 1 4 --device cuda
 
 On a CPU (`--arch tiny-sd15 --device cpu`) it runs as a smoke test; peak memory is then not reported.
 """
@@ -23,8 +25,9 @@ from hsd.data.batch import EpochLoader, IndexedBatches
 from hsd.diffusion.schedule import NoiseSchedule
 from hsd.lit.tscd import TSCDModule
 from hsd.models.components import build_components
-from hsd.models.conditioning import LatentEncoder, TextConditioner
+from hsd.models.conditioning import LatentEncoder, PipelineText, TextConditioner
 from hsd.models.discriminator import build_discriminator
+from hsd.models.dit import DIT_ARCHS, build_dit, sd3_pipeline
 from hsd.models.lora import attach_lora
 
 
@@ -47,15 +50,16 @@ class StepTimer(L.Callback):
 
 def measure(comps, args, micro: int, checkpointing: bool) -> tuple[float, float | None]:
     """(median s/step after warm-up, peak GiB or None on CPU) for `args.steps` TSCD updates."""
-    unet = comps.unet
+    unet, w_adv = comps.unet, adversarial(comps, args)
     unet.disable_gradient_checkpointing()
     if checkpointing:
         unet.enable_gradient_checkpointing()
-    cfg = load_config([], [f"tscd.stages=[{{k: 2, grid_steps: 48, w_adv: {args.w_adv}}}]", "tscd.loss=huber",
+    cfg = load_config([], [f"tscd.stages=[{{k: 2, grid_steps: 48, w_adv: {w_adv}}}]", "tscd.loss=huber",
                            "tscd.adv.hidden=256"])  # the SD recipe's k = 2 stage
-    disc = build_discriminator(unet, cfg.tscd.adv) if args.w_adv else None  # the recipe's: all blocks, conditioned
-    enc = LatentEncoder(comps.vae, TextConditioner(comps.family, comps.text_encoders, comps.tokenizers),
-                        args.resolution)
+    disc = build_discriminator(unet, cfg.tscd.adv) if w_adv else None  # the recipe's: all blocks, conditioned
+    text = PipelineText(comps) if comps.family == "sd3" else TextConditioner(comps.family, comps.text_encoders,
+                                                                               comps.tokenizers)
+    enc = LatentEncoder(comps.vae, text, args.resolution)
     module = TSCDModule(unet, NoiseSchedule.from_scheduler(comps.scheduler), cfg.tscd.stages[0], cfg.tscd,
                         encoder=enc, disc=disc)
 
@@ -81,30 +85,48 @@ def timed_fit(module, args, batch_fn) -> tuple[float, float | None]:
     return statistics.median(timer.times[args.warmup:]), peak
 
 
+def adversarial(comps, args) -> float:
+    """--w-adv, or 0 on a transformer (the discriminator reads UNet blocks)."""
+    return 0.0 if comps.family == "sd3" else args.w_adv
+
+
+def generation_steps(comps) -> int:
+    return 4 if comps.family == "sd3" else 1
+
+
 def generation_latency(comps, args) -> tuple[float, float]:
-    """Median seconds per 1-step image: hsd's ImageGenerator vs. the stock pipeline call, same pipe object."""
+    """Median seconds per k-step image (`generation_steps`): hsd's ImageGenerator vs. the stock pipeline call, same
+    pipe object and scheduler (DDIM trailing, guidance 0; SD3: Euler on the trailing sigmas, guidance 3 as the
+    release's 4-step preset, two forwards per step)."""
     from diffusers import DDIMScheduler
 
+    from hsd.diffusion.schedule import trailing_sigmas
     from hsd.models.components import pipeline
     from hsd.pipelines.generate import ImageGenerator
-    pipe = pipeline(comps).to(args.device, dtype=comps.unet.dtype)  # one dtype: the frozen weights'
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    flow, k = comps.family == "sd3", generation_steps(comps)
+    pipe = (sd3_pipeline(comps) if flow else pipeline(comps)).to(args.device, dtype=comps.unet.dtype)  # one dtype
+    if flow:
+        extra, guidance = {"sigmas": trailing_sigmas(k)}, 3.0
+    else:
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+        extra, guidance = {}, 0.0
     pipe.set_progress_bar_config(disable=True)
-    ours = ImageGenerator(pipe, "ddim", 0.0, {"model": args.arch})
+    ours = ImageGenerator(pipe, "euler" if flow else "ddim", None if flow else 0.0, {"model": args.arch})
     prompt, size = "a photograph of an astronaut riding a horse", args.resolution
-    stock = lambda: pipe(prompt, num_inference_steps=1, guidance_scale=0.0, height=size, width=size,  # noqa: E731
-                         generator=torch.Generator().manual_seed(0)).images
-    arms = {"hsd": lambda: ours.generate([prompt], 1, [0], height=size, width=size), "stock": stock}
-    times = {k: [] for k in arms}
+    stock = lambda: pipe(prompt, num_inference_steps=k, guidance_scale=guidance, height=size,  # noqa: E731
+                         width=size, generator=torch.Generator().manual_seed(0), **extra).images
+    arms = {"hsd": lambda: ours.generate([prompt], k, [0], guidance=guidance, height=size, width=size),
+            "stock": stock}
+    times = {arm: [] for arm in arms}
     for r in range(2 + args.steps):
-        for k, fn in arms.items():
+        for arm, fn in arms.items():
             t0 = time.perf_counter()
             with torch.no_grad():
                 fn()
             if args.device == "cuda":
                 torch.cuda.synchronize()
             if r >= 2:
-                times[k].append(time.perf_counter() - t0)
+                times[arm].append(time.perf_counter() - t0)
     return statistics.median(times["hsd"]), statistics.median(times["stock"])
 
 
@@ -124,7 +146,7 @@ def parser() -> argparse.ArgumentParser:
 
 def prepare(args):
     """Random-weight components with the frozen weights in `args.frozen_dtype` and an fp32 rank-64 LoRA."""
-    comps = build_components(args.arch)
+    comps = build_dit(args.arch) if args.arch in DIT_ARCHS else build_components(args.arch)
     frozen = getattr(torch, args.frozen_dtype)
     comps.unet.to(frozen)
     for e in comps.text_encoders:
@@ -141,7 +163,7 @@ def main() -> None:
     args = parser().parse_args()
     comps = prepare(args)
     print(f"{args.arch} at {args.resolution}px, {args.precision}, frozen weights {args.frozen_dtype}, "
-          f"LoRA rank 64, discriminator {'on' if args.w_adv else 'off'}, device {args.device}")
+          f"LoRA rank 64, discriminator {'on' if adversarial(comps, args) else 'off'}, device {args.device}")
     print("| micro-batch | grad. checkpointing | s/step | images/s | peak GiB |\n|---|---|---|---|---|")
     for micro in args.micro_batches:
         for ckpt in (False, True):
@@ -154,7 +176,7 @@ def main() -> None:
                 torch.cuda.empty_cache()
     comps.unet.disable_adapters()  # generation latency of the base architecture; a fused LoRA costs nothing
     ours, stock = generation_latency(comps, args)
-    print(f"1-step generation: hsd {ours * 1000:.1f} ms, stock pipeline {stock * 1000:.1f} ms, "
+    print(f"{generation_steps(comps)}-step generation: hsd {ours * 1000:.1f} ms, stock pipeline {stock * 1000:.1f} ms, "
           f"ratio {ours / stock:.3f}")
 
 

@@ -127,6 +127,25 @@ def test_sdxl_one_step_unet_needs_fsdp_on_8_gpus():
     assert fsdp < 40 * GIB < 80 * GIB < ddp
 
 
+def test_sd3_medium_tscd_lora_shards_its_transformer_on_the_joint_blocks():
+    """SD3-medium's real transformer (bf16, 2.03 B) is what FSDP shards; it is gathered one joint block at a time
+    (the running one and the prefetched one, plus the root's embedders) and the LoRA stays whole."""
+    from diffusers import SD3Transformer2DModel
+
+    from hsd.models.dit import DIT_ARCHS
+    cfg = load_run([str(ROOT / "experiments/sd3/tscd.yaml")], [])
+    [f, *_] = footprints(cfg, fsdp=True, activations=False)
+    with torch.device("meta"):
+        net = SD3Transformer2DModel(**DIT_ARCHS["sd3"].transformer)
+    n = sum(p.numel() for p in net.parameters())
+    blocks = [sum(p.numel() for p in b.parameters()) for b in net.transformer_blocks]
+    assert len(blocks) == 24 and f.frozen_sharded == 2 * n  # bfloat16
+    assert f.gathered == (n - sum(blocks) + 2 * max(blocks)) * 2
+    assert f.parts["transformer"] == 2 * n and "UNet" not in f.parts
+    fsdp, one = per_rank(f, "fsdp", 8), per_rank(f, "auto", 1)
+    assert fsdp["frozen weights"] < one["frozen weights"] - 3 * GIB
+
+
 def test_per_rank_arithmetic():
     f = Footprint("dmd", 2, frozen=8, frozen_sharded=80, trained=4, trained_sharded=800, optimizer=8,
                   optimizer_sharded=1600, ddp_buckets=804, gathered=24,

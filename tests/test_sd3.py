@@ -142,13 +142,24 @@ def test_sd3_refusals(model, images, tmp_path):
 
 
 @pytest.mark.slow
-def test_sd3_two_process_ddp_on_cpu(model, images, tmp_path):
-    r = _hsd("train", str(ROOT / "experiments/tiny/sd3.yaml"), f"model.path={model}", f"data.folder={images}",
-             f"out_dir={tmp_path}", "name=ddp", "trainer.devices=2", "trainer.strategy=ddp", "dmd.iterations=0",
-             "tscd.stages=[{k: 2, grid_steps: 8, iterations: 2}]", cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "distributed_backend=gloo" in r.stderr and "All distributed processes registered" in r.stderr
-    assert (tmp_path / "ddp" / "lora_stage0_k2.safetensors").exists()
+def test_sd3_two_processes_ddp_and_fsdp_on_cpu_train_the_same_lora(model, images, tmp_path):
+    """2-process DDP and 2-process FSDP (the frozen transformer sharded on its joint blocks, the LoRA whole on every
+    rank) train the same TSCD LoRA, to rounding."""
+    fsdp = [sys.executable, str(ROOT / "tests" / "fsdp_lightning_cpu.py")]  # Lightning's FSDP, allowed on CPU
+    files = {}
+    for strategy, cmd in (("ddp", HSD), ("fsdp", fsdp)):
+        r = subprocess.run([*cmd, "train", str(ROOT / "experiments/tiny/sd3.yaml"), f"model.path={model}",
+                            f"data.folder={images}", f"out_dir={tmp_path}", f"name={strategy}", "trainer.devices=2",
+                            f"trainer.strategy={strategy}", "feedback.iterations=0", "dmd.iterations=0",
+                            "tscd.stages=[{k: 2, grid_steps: 8, iterations: 2}]"],
+                           capture_output=True, text=True, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "distributed_backend=gloo" in r.stderr and "All distributed processes registered" in r.stderr
+        files[strategy] = load_file(tmp_path / strategy / "lora_stage0_k2.safetensors")
+    a, b = files["ddp"], files["fsdp"]
+    assert a.keys() == b.keys() and all(k.startswith("transformer.") for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # it trained: B left zero
 
 
 def test_a_preset_fuses_the_release_files_at_its_scale_and_hsd_files_at_one(tmp_path):

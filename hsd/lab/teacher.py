@@ -125,13 +125,15 @@ class Teacher:
         return {"encoder_hidden_states": out.last_hidden_state, "pooled_projections": out.pooler_output}
 
 
-def load_teacher(path: str | os.PathLike | None = None) -> Teacher:
-    """A fitted teacher folder (default: the shipped one of the default world) and the world it was fitted to."""
+def load_teacher(path: str | os.PathLike | None = None, expected: str | None = None) -> Teacher:
+    """A fitted teacher folder (default: the shipped one of the default world) and the world it was fitted to.
+    `expected` (the run's family, vp or flow) only names the denoiser folder a missing teacher lacks."""
     path = Path(path) if path is not None else teacher_path()
     family = next((f for f, (sub, _) in NETS.items() if (path / sub / "config.json").exists()), None)
     if family is None or not (path / "world.safetensors").exists():
-        raise MissingTeacherError(f"lab teacher not found at {path} (it needs unet/ or transformer/, and "
-                                  f"world.safetensors); make it with `{MAKE_COMMAND} --world NAME --out {path}`")
+        net = f"{NETS[expected][0]}/" if expected in NETS else " or ".join(f"{sub}/" for sub, _ in NETS.values())
+        raise MissingTeacherError(f"lab teacher not found at {path} (it needs {net} and world.safetensors); make it "
+                                  f"with `{MAKE_COMMAND} --world NAME --out {path}`")
     hf_logging.disable_progress_bar()  # a "Loading weights" bar for a 36-tensor text encoder is noise
     sub, cls = NETS[family]
     return Teacher(cls.from_pretrained(path / sub).eval(),

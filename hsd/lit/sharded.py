@@ -21,17 +21,12 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from ..io import atomic_dir
-from ..models.denoisers import denoiser_class
+from ..models.denoisers import denoiser_blocks, denoiser_class
 from .resume import META, check_resumable, unreadable_checkpoint
 
 
 def is_sharded(t: Tensor) -> bool:
     return isinstance(t, DTensor)
-
-
-def unet_blocks(unet) -> list[nn.Module]:
-    """The units each sharded on its own (one all-gather each): down, mid and up blocks."""
-    return [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
 
 
 def param_dtype(precision: str) -> torch.dtype | None:
@@ -44,11 +39,12 @@ def param_dtype(precision: str) -> torch.dtype | None:
 
 
 def shard_copy(unet: nn.Module, mesh, precision: str) -> None:
-    """FSDP2 over a trained UNet copy: each block a unit, the rest under the root. Weights, gradients and AdamW
-    states then live 1/N per rank (fp32); under bf16-mixed the gathered weights are bf16, gradients reduced in fp32."""
+    """FSDP2 over a trained denoiser copy: each block a unit (`denoiser_blocks`), the rest under the root. Weights,
+    gradients and AdamW states then live 1/N per rank (fp32); under bf16-mixed the gathered weights are bf16,
+    gradients reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=param_dtype(precision), reduce_dtype=torch.float32)
-    for block in unet_blocks(unet):
+    for block in denoiser_blocks(unet):
         fully_shard(block, mesh=mesh, mp_policy=mp)
     # The root too is resharded after every forward (FSDP2 keeps a root gathered until its backward by default):
     # DMD runs the copies without gradient between updates, and a gathered root would outlive the optimizer step.

@@ -38,18 +38,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def fsdp_kwargs(trained: list[torch.nn.Parameter]) -> dict:
-    """FSDP settings: shard the frozen UNet on its down/mid/up blocks; leave the trained tensors alone.
+    """FSDP settings: shard the frozen denoiser on its blocks (a UNet's down/mid/up, a transformer's joint blocks:
+    hsd.models.denoisers.denoiser_blocks); leave the trained tensors alone.
 
     The LoRA tensors are few and small: as `ignored_states` they stay whole on every rank like under DDP, so
     the EMA and its functional_call target work unchanged, and TSCDModule averages their gradients itself
     (the discriminator lives outside the wrapped UNet and is never sharded). The frozen weights, which are what is
     big, are sharded (ZeRO-3).
     """
-    from diffusers.models.unets import unet_2d_blocks as blocks
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-    wrap = {getattr(blocks, n) for n in ("CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn",
-                                           "CrossAttnUpBlock2D", "UpBlock2D")}
-    return {"auto_wrap_policy": ModuleWrapPolicy(wrap), "use_orig_params": True, "ignored_states": list(trained)}
+
+    from ..models.denoisers import block_classes
+    return {"auto_wrap_policy": ModuleWrapPolicy(block_classes()), "use_orig_params": True,
+            "ignored_states": list(trained)}
 
 
 def unet_fsdp_strategy(base):

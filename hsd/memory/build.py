@@ -97,17 +97,26 @@ def _build_parts(cfg: Run, arch: str, meta: torch.device) -> Parts:
     from ..models.components import ARCHS, build_components
     from ..models.conditioning import LatentEncoder, TextConditioner
     from ..models.discriminator import build_discriminator
+    from ..models.dit import DIT_ARCHS, build_dit
     m = cfg.model
-    with meta:
-        c = build_components(arch, seed=cfg.seed)
-    scheduler = DDIMScheduler(**ARCHS[arch].scheduler)
+    if arch in DIT_ARCHS:  # SD3: the transformer, its VAE and CLIP-L/G, conditioned by its pipeline's encode_prompt
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from ..models.conditioning import PipelineText
+        with meta:
+            c = build_dit(arch, seed=cfg.seed)
+        scheduler = FlowMatchEulerDiscreteScheduler(**DIT_ARCHS[arch].scheduler)
+    else:
+        with meta:
+            c = build_components(arch, seed=cfg.seed)
+        scheduler = DDIMScheduler(**ARCHS[arch].scheduler)
     frozen = getattr(torch, m.frozen_dtype)
     unet = c.unet.to(frozen) if frozen != torch.float32 else c.unet  # as hsd.worlds.sd.SD
     for enc in c.text_encoders:
         enc.to(frozen)
     if m.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    text = TextConditioner(c.family, c.text_encoders, c.tokenizers)
+    text = PipelineText(c) if c.family == "sd3" else TextConditioner(c.family, c.text_encoders, c.tokenizers)
     encoder = LatentEncoder(c.vae, text, m.resolution, getattr(torch, m.vae_dtype))
     adapters = Adapters(unet)
     with meta:

@@ -8,6 +8,7 @@ import re
 import torch
 
 from ..config import Run
+from ..models.denoisers import denoiser_blocks, denoiser_name
 from . import Footprint
 from .build import (
     HALF_MIXED,
@@ -30,8 +31,8 @@ def load_run(paths: list[str], overrides: list[str]) -> Run:
     from ..config import load_config
     from ..errors import ConfigError
     run = load_config(paths, overrides, inputs=False)
-    if run.world not in ("sd15", "sdxl"):
-        raise ConfigError(f"hsd memory models the sd15 and sdxl worlds, got world {run.world!r} (the lab "
+    if run.world not in ("sd15", "sdxl", "sd3"):
+        raise ConfigError(f"hsd memory models the sd15, sdxl and sd3 worlds, got world {run.world!r} (the lab "
                           f"world trains on a CPU in minutes)")
     return run
 
@@ -121,8 +122,8 @@ def trace(module, parts: Parts, spec: StageSpec, mode, device: str) -> LiveBytes
 
 def labels(module) -> dict[str, torch.nn.Module]:
     """The modules whose calls name a moment of the step."""
-    out = {"UNet": module.unet, "VAE encoder": module.encoder.vae.encoder, "VAE decoder": module.encoder.vae.decoder,
-           "text encoders": module.encoder.text}
+    out = {denoiser_name(module.unet): module.unet, "VAE encoder": module.encoder.vae.encoder,
+           "VAE decoder": module.encoder.vae.decoder, "text encoders": module.encoder.text}
     for key, name in (("gen_unet", "DMD generator"), ("fake_unet", "DMD fake score"), ("disc", "discriminator")):
         if getattr(module, key, None) is not None:
             out[name] = getattr(module, key)
@@ -182,7 +183,7 @@ def gathered(unet, per_weight: int, trained: bool) -> int:
     """FSDP's unsharded bytes while this UNet runs: the root unit, the running block and the prefetched one, and
     for a trained copy one block's gradient before its reduce-scatter (in the compute dtype, and in fp32 for the
     reduction: hsd.lit.sharded reduces in fp32)."""
-    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    blocks = denoiser_blocks(unet)
     sizes = [sum(p.numel() for n, p in b.named_parameters() if "lora_" not in n) for b in blocks]
     root = sum(p.numel() for n, p in unet.named_parameters() if "lora_" not in n) - sum(sizes)
     grad = per_weight + (4 if per_weight != 4 else 0) if trained else 0
@@ -197,6 +198,7 @@ def count(module, parts: Parts, spec: StageSpec, fsdp: bool, device: str) -> Foo
     shard = _sharded_ids(module)
     f = Footprint(spec.name, spec.batch)
     named: dict[str, float] = {}
+    denoiser = denoiser_name(module.unet)
     for name, p in module.named_parameters():
         m = _ADAPTER.search(name)
         if m and m[1] not in present:
@@ -209,7 +211,7 @@ def count(module, parts: Parts, spec: StageSpec, fsdp: bool, device: str) -> Foo
             f.frozen_sharded += b
         else:
             f.frozen += b
-        key = _part(name)
+        key = _part(name, denoiser)
         named[key] = named.get(key, 0) + b
     for name, b in module.named_buffers():
         if name.startswith("ema."):
@@ -229,10 +231,10 @@ def count(module, parts: Parts, spec: StageSpec, fsdp: bool, device: str) -> Foo
     return f
 
 
-def _part(name: str) -> str:
+def _part(name: str, denoiser: str = "UNet") -> str:
     if "lora_" in name:
         return "LoRA adapters"
-    for prefix, label in (("unet.", "UNet"), ("encoder.text.", "text encoders"), ("encoder.vae.", "VAE"),
+    for prefix, label in (("unet.", denoiser), ("encoder.text.", "text encoders"), ("encoder.vae.", "VAE"),
                           ("disc.", "discriminator"), ("gen_unet.", "DMD generator copy"),
                           ("fake_unet.", "DMD fake-score copy")):
         if name.startswith(prefix):
@@ -258,7 +260,7 @@ def header(cfg: Run, paths: list[str], gpus: int) -> str:
     m, kind = cfg.model, effective_strategy(cfg.trainer.strategy, gpus)
     how = {"ddp": "every tensor on every rank, plus DDP's gradient buckets",
            "single device": "one rank holds everything",
-           "fsdp": "the frozen UNet and DMD's full copies (weights, gradients, AdamW moments) sharded 1/N; LoRA, "
+           "fsdp": "the frozen denoiser and DMD's full copies (weights, gradients, AdamW moments) sharded 1/N; LoRA, "
                    "discriminator, text encoders, VAE and scorers whole on every rank"}[kind]
     return (f"hsd memory: {' '.join(paths)} (world {cfg.world}, {m.resolution} px, precision "
             f"{cfg.trainer.precision}, frozen weights {m.frozen_dtype}, VAE {m.vae_dtype}, gradient checkpointing "

@@ -177,7 +177,9 @@ class Replay:
 
     def _wrap(self, unet, forward):
         from peft.tuners.tuners_utils import BaseTunerLayer
-        blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+
+        from ..models.denoisers import denoiser_blocks
+        blocks = denoiser_blocks(unet)
         layer = next((m for m in unet.modules() if isinstance(m, BaseTunerLayer)), None)
 
         def call(*args, **kwargs):

@@ -225,12 +225,13 @@ def _check_lora_fits(unet, path: Path, family: str) -> None:
         lora = read_lora(path, unet.config)
     except LoraFormatError:
         return
-    from ..models.denoisers import lora_prefix
+    from ..models.denoisers import denoiser_name, lora_prefix
     kind = lora_prefix(unet).rstrip(".")
     if lora.prefix != lora_prefix(unet):
         raise ModelError(f"{path} is a LoRA of a {lora.prefix.rstrip('.')}, but this model's denoiser is a {kind}: "
                          f"{OTHER_ARCH}")
-    layers, missing, model = dict(unet.named_modules()), [], f"this {FAMILY_NAMES.get(family, family)} model's {kind}"
+    layers, missing = dict(unet.named_modules()), []
+    model = f"this {FAMILY_NAMES.get(family, family)} model's {denoiser_name(unet)}"
     for name, m in lora.modules.items():
         layer = layers.get(name)
         layer = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer

@@ -23,6 +23,7 @@ from ..lab.teacher import load_teacher, teacher_path
 from ..lab.world import LabWorld
 from ..models.adapters import FEEDBACK, TSCD
 from ..models.denoisers import denoiser_class
+from ..names import LAB_WORLDS
 from ..rewards.feedback import FeedbackLoss
 from .base import labelled_grid, log_image
 
@@ -83,7 +84,7 @@ class Lab:
 
     def __init__(self, cfg: Run):
         self.cfg = cfg
-        teacher = load_teacher(cfg.lab.teacher or teacher_path(cfg.lab.world))
+        teacher = load_teacher(cfg.lab.teacher or teacher_path(cfg.lab.world), LAB_WORLDS.get(cfg.lab.world))
         self.world = teacher.world
         self.unet, self.encoder = teacher.unet, None
         self.schedule = NoiseSchedule.from_scheduler(teacher.scheduler)
