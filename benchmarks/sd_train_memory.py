@@ -27,7 +27,7 @@ from hsd.lit.tscd import TSCDModule
 from hsd.models.components import build_components
 from hsd.models.conditioning import LatentEncoder, PipelineText, TextConditioner
 from hsd.models.discriminator import build_discriminator
-from hsd.models.dit import DIT_ARCHS, build_dit, sd3_pipeline
+from hsd.models.dit import DIT_ARCHS, build_dit
 from hsd.models.lora import attach_lora
 
 
@@ -98,18 +98,12 @@ def generation_latency(comps, args) -> tuple[float, float]:
     """Median seconds per k-step image (`generation_steps`): hsd's ImageGenerator vs. the stock pipeline call, same
     pipe object and scheduler (DDIM trailing, guidance 0; SD3: Euler on the trailing sigmas, guidance 3 as the
     release's 4-step preset, two forwards per step)."""
-    from diffusers import DDIMScheduler
-
-    from hsd.diffusion.schedule import trailing_sigmas
-    from hsd.models.components import pipeline
     from hsd.pipelines.generate import ImageGenerator
+    from hsd.worlds.sd import student_pipeline
     flow, k = comps.family == "sd3", generation_steps(comps)
-    pipe = (sd3_pipeline(comps) if flow else pipeline(comps)).to(args.device, dtype=comps.unet.dtype)  # one dtype
-    if flow:
-        extra, guidance = {"sigmas": trailing_sigmas(k)}, 3.0
-    else:
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
-        extra, guidance = {}, 0.0
+    pipe, extra = student_pipeline(comps, k)  # the k-step student's sampler, as the training samples use it
+    pipe.to(args.device, dtype=comps.unet.dtype)  # one dtype: the frozen weights'
+    guidance = 3.0 if flow else 0.0
     pipe.set_progress_bar_config(disable=True)
     ours = ImageGenerator(pipe, "euler" if flow else "ddim", None if flow else 0.0, {"model": args.arch})
     prompt, size = "a photograph of an astronaut riding a horse", args.resolution

@@ -112,10 +112,18 @@ def _lora_layers(unet, adapter: str) -> dict[str, LoraLayer]:
     return {_plain(n): m for n, m in unet.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
 
 
+def prefix_mismatch(lora: LoraFile, net) -> str | None:
+    """Why a LoRA file cannot go onto this denoiser by its key prefix (a UNet LoRA on a transformer, or the other way
+    round), or None when the prefixes agree."""
+    if lora.prefix == lora_prefix(net):
+        return None
+    return (f"{lora.path} is a LoRA of a {lora.prefix.rstrip('.')}, but this model's denoiser is a "
+            f"{lora_prefix(net).rstrip('.')}")
+
+
 def _load_into(unet, lora: LoraFile, adapter: str) -> None:
-    if lora.prefix != lora_prefix(unet):
-        raise LoraFormatError(f"{lora.path} is a LoRA of a {lora.prefix.rstrip('.')}, but this model's denoiser is a "
-                              f"{lora_prefix(unet).rstrip('.')}: it was trained for another architecture")
+    if (why := prefix_mismatch(lora, unet)) is not None:
+        raise LoraFormatError(f"{why}: it was trained for another architecture")
     layers = _lora_layers(unet, adapter)
     if not layers:
         raise LoraFormatError(f"the UNet has no LoRA adapter {adapter!r} to load {lora.path} into")

@@ -42,6 +42,11 @@ LORA_LAYOUTS = ("safetensors in the diffusers layout ('unet.<module>.lora_A.weig
 OTHER_ARCH = "the LoRA was trained for another architecture (e.g. an SD1.5 LoRA on an SDXL model)"
 
 
+def pipe_denoiser(pipe):
+    """A diffusers pipeline's denoiser: its UNet (SD1.5, SDXL) or its transformer (SD3)."""
+    return getattr(pipe, "unet", None) or pipe.transformer
+
+
 @dataclass
 class ImageGenerator:
     pipe: object          # diffusers StableDiffusion(XL)(ControlNet)Pipeline: LoRAs fused, recipe scheduler set
@@ -51,8 +56,7 @@ class ImageGenerator:
 
     @property
     def native_size(self) -> int:
-        net = getattr(self.pipe, "unet", None) or self.pipe.transformer
-        return net.config.sample_size * self.pipe.vae_scale_factor
+        return pipe_denoiser(self.pipe).config.sample_size * self.pipe.vae_scale_factor
 
     def _schedule(self, steps: int) -> dict:
         """The pipeline's scheduling arguments: trailing sigmas (flow), or one-step timesteps and eta (VP)."""
@@ -200,7 +204,7 @@ def _fuse_lora(pipe, path: Path, weight: float, name: str, family: str) -> None:
     from ..models.components import ModelError
     if not path.is_file():
         raise ModelError(f"LoRA file not found: {path}")
-    _check_lora_fits(getattr(pipe, "unet", None) or pipe.transformer, path, family)
+    _check_lora_fits(pipe_denoiser(pipe), path, family)
     try:
         pipe.load_lora_weights(str(path), adapter_name=name)
     except Exception as e:  # foreign layouts fail deep inside diffusers (ValueError, KeyError, IndexError...)
@@ -225,11 +229,10 @@ def _check_lora_fits(unet, path: Path, family: str) -> None:
         lora = read_lora(path, unet.config)
     except LoraFormatError:
         return
-    from ..models.denoisers import denoiser_name, lora_prefix
-    kind = lora_prefix(unet).rstrip(".")
-    if lora.prefix != lora_prefix(unet):
-        raise ModelError(f"{path} is a LoRA of a {lora.prefix.rstrip('.')}, but this model's denoiser is a {kind}: "
-                         f"{OTHER_ARCH}")
+    from ..models.denoisers import denoiser_name
+    from ..models.lora import prefix_mismatch
+    if (why := prefix_mismatch(lora, unet)) is not None:
+        raise ModelError(f"{why}: {OTHER_ARCH}")
     layers, missing = dict(unet.named_modules()), []
     model = f"this {FAMILY_NAMES.get(family, family)} model's {denoiser_name(unet)}"
     for name, m in lora.modules.items():
