@@ -133,7 +133,9 @@ def tscd(res: Result, p: dict, dev: str, work: Path) -> None:
         return
     comps.unet.disable_adapters()  # as sd_train_memory: a fused LoRA costs the base architecture's time
     ours, stock = sdm.generation_latency(comps, args)
-    sampler = "Euler on the trailing sigmas, guidance 3" if comps.family == "sd3" else "DDIM trailing, guidance 0"
+    guidance = sdm.RECIPES.get(comps.family, (1, 0.0))[1]
+    sampler = "Euler on the trailing sigmas" if comps.family in sdm.FLOW else "DDIM trailing"
+    sampler += f", guidance {guidance:g}" + (" (embedded)" if comps.family == "flux" else "")
     res.add(gen, table="generation", values={"hsd_ms": ours * 1000, "stock_ms": stock * 1000, "ratio": ours / stock},
             note=f"{p['resolution']} px, {sampler}, medians of {args.steps} after 2 warm-up")
 
@@ -271,8 +273,8 @@ def evaluate(res: Result, p: dict, dev: str, work: Path) -> None:
         note="decode once, one crop, batched scorers, records appended; the first batch's warm-up included")
 
 
-MEASUREMENTS = {"env": env, "tscd_sd15": tscd, "tscd_sdxl": tscd, "tscd_sd3": tscd, "dmd_sdxl": dmd, "scorers": scorers,
-                "feedback_sd15": feedback, "eval": evaluate}
+MEASUREMENTS = {"env": env, "tscd_sd15": tscd, "tscd_sdxl": tscd, "tscd_sd3": tscd, "tscd_flux": tscd, "dmd_sdxl": dmd,
+                "scorers": scorers, "feedback_sd15": feedback, "eval": evaluate}
 
 
 def main() -> int:

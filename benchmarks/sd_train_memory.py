@@ -1,6 +1,7 @@
 """TSCD training throughput and peak memory per micro-batch size, with and without gradient checkpointing,
 plus k-step generation latency of `hsd generate`'s path vs. the stock diffusers pipeline (same fused LoRA): 1 step
-DDIM trailing for SD1.5/SDXL, 4 Euler steps on the trailing sigmas for SD3 (the release's Hyper-SD3 4-step recipe).
+DDIM trailing for SD1.5/SDXL, 4 Euler steps on the trailing sigmas for SD3 (the release's Hyper-SD3 4-step recipe),
+8 for FLUX.1-dev (Hyper-FLUX's 8-step recipe, embedded guidance 3.5).
 
 Runs the real code path: random-weight components of a registered architecture, the TSCD LightningModule
 (discriminator on when --w-adv > 0; a transformer has none: docs/flow.md) under Lightning's Trainer with the chosen precision. Meant for a GPU:
@@ -8,6 +9,7 @@ Runs the real code path: random-weight components of a registered architecture, 
     python benchmarks/sd_train_memory.py --arch sd15 --resolution 512 --micro-batches 1 2 4 8 --device cuda
     python benchmarks/sd_train_memory.py --arch sdxl --resolution 1024 --micro-batches 1 2 --device cuda
     python benchmarks/sd_train_memory.py --arch sd3 --resolution 1024 --micro-batches 1 4 --device cuda
+    python benchmarks/sd_train_memory.py --arch flux --resolution 1024 --micro-batches 1 2 --device cuda
 
 On a CPU (`--arch tiny-sd15 --device cpu`) it runs as a smoke test; peak memory is then not reported.
 """
@@ -27,7 +29,7 @@ from hsd.lit.tscd import TSCDModule
 from hsd.models.components import build_components
 from hsd.models.conditioning import LatentEncoder, PipelineText, TextConditioner
 from hsd.models.discriminator import build_discriminator
-from hsd.models.dit import DIT_ARCHS, build_dit
+from hsd.models.dit import DIT_ARCHS, build_dit, image_tokens
 from hsd.models.lora import attach_lora
 
 
@@ -57,11 +59,11 @@ def measure(comps, args, micro: int, checkpointing: bool) -> tuple[float, float 
     cfg = load_config([], [f"tscd.stages=[{{k: 2, grid_steps: 48, w_adv: {w_adv}}}]", "tscd.loss=huber",
                            "tscd.adv.hidden=256"])  # the SD recipe's k = 2 stage
     disc = build_discriminator(unet, cfg.tscd.adv) if w_adv else None  # the recipe's: all blocks, conditioned
-    text = PipelineText(comps) if comps.family == "sd3" else TextConditioner(comps.family, comps.text_encoders,
-                                                                               comps.tokenizers)
+    text = PipelineText(comps) if comps.family in FLOW else TextConditioner(comps.family, comps.text_encoders,
+                                                                              comps.tokenizers)
     enc = LatentEncoder(comps.vae, text, args.resolution)
-    module = TSCDModule(unet, NoiseSchedule.from_scheduler(comps.scheduler), cfg.tscd.stages[0], cfg.tscd,
-                        encoder=enc, disc=disc)
+    schedule = NoiseSchedule.from_scheduler(comps.scheduler, image_tokens(comps.vae, args.resolution))
+    module = TSCDModule(unet, schedule, cfg.tscd.stages[0], cfg.tscd, encoder=enc, disc=disc)
 
     def batch(i: int) -> dict:
         g = torch.Generator().manual_seed(i)
@@ -87,23 +89,29 @@ def timed_fit(module, args, batch_fn) -> tuple[float, float | None]:
 
 def adversarial(comps, args) -> float:
     """--w-adv, or 0 on a transformer (the discriminator reads UNet blocks)."""
-    return 0.0 if comps.family == "sd3" else args.w_adv
+    return 0.0 if comps.family in FLOW else args.w_adv
+
+
+FLOW = ("sd3", "flux")
+# the release's recipe each family is timed at: (steps, guidance): Hyper-SD3 4-step at CFG 3 (two forwards a step),
+# Hyper-FLUX 8-step at embedded guidance 3.5 (one forward), SD1.5/SDXL one DDIM-trailing step without CFG
+RECIPES = {"sd3": (4, 3.0), "flux": (8, 3.5)}
 
 
 def generation_steps(comps) -> int:
-    return 4 if comps.family == "sd3" else 1
+    return RECIPES.get(comps.family, (1, 0.0))[0]
 
 
 def generation_latency(comps, args) -> tuple[float, float]:
     """Median seconds per k-step image (`generation_steps`): hsd's ImageGenerator vs. the stock pipeline call, same
-    pipe object and scheduler (DDIM trailing, guidance 0; SD3: Euler on the trailing sigmas, guidance 3 as the
-    release's 4-step preset, two forwards per step)."""
+    pipe object and scheduler (DDIM trailing, guidance 0; SD3 / FLUX: Euler on the trailing sigmas at the
+    release's preset, `RECIPES`)."""
     from hsd.pipelines.generate import ImageGenerator
     from hsd.worlds.sd import student_pipeline
-    flow, k = comps.family == "sd3", generation_steps(comps)
+    flow, (k, guidance) = comps.family in FLOW, RECIPES.get(comps.family, (1, 0.0))
     pipe, extra = student_pipeline(comps, k)  # the k-step student's sampler, as the training samples use it
+    extra.pop("guidance_scale")  # the recipe's guidance instead, for both arms
     pipe.to(args.device, dtype=comps.unet.dtype)  # one dtype: the frozen weights'
-    guidance = 3.0 if flow else 0.0
     pipe.set_progress_bar_config(disable=True)
     ours = ImageGenerator(pipe, "euler" if flow else "ddim", None if flow else 0.0, {"model": args.arch})
     prompt, size = "a photograph of an astronaut riding a horse", args.resolution
@@ -146,11 +154,18 @@ def prepare(args):
     for e in comps.text_encoders:
         e.to(frozen)
     torch.manual_seed(0)
-    attach_lora(comps.unet, 64, 64)
+    attach_lora(comps.unet, 64, 64, flux_targets() if comps.family == "flux" else None)
     for prm in comps.unet.parameters():
         if prm.requires_grad:
             prm.data = prm.data.float()
     return comps
+
+
+def flux_targets() -> list[str]:
+    """The FLUX recipe's LoRA modules, as experiments/flux/tscd.yaml sets them."""
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "experiments" / "flux" / "tscd.yaml"
+    return list(load_config([str(path)], [], inputs=False).lora.targets)
 
 
 def main() -> None:

@@ -36,7 +36,8 @@ def specs_from_args(args) -> list:
         raise ConfigError("give --spec FILE.yaml or --model FOLDER (with --steps)")
     return [ModelSpec(name=args.name or Path(args.model).name, model=args.model, steps=steps,
                       scheduler=args.scheduler, guidance=args.guidance, lora=tuple(args.lora), unet=args.unet,
-                      eta=args.eta, dtype=args.dtype, size=args.size, paper=args.paper) for steps in args.steps]
+                      eta=args.eta, dtype=args.dtype, size=args.size, paper=args.paper, t5=args.t5)
+            for steps in args.steps]
 
 
 def check_input_files(args, specs) -> None:
@@ -45,8 +46,8 @@ def check_input_files(args, specs) -> None:
     check_input(args.weights, "scorer weights folder", "the layout in docs/eval.md, e.g. from hsd random-scorers",
                 "folder")
     for spec in specs:
-        check_input(spec.model, f"model of spec {spec.name!r}", "a diffusers pipeline folder (SD1.5 or SDXL)",
-                    "folder")
+        check_input(spec.model, f"model of spec {spec.name!r}",
+                    "a diffusers pipeline folder (SD1.5, SDXL, SD3 or FLUX.1)", "folder")
         for path, _ in spec.lora:
             check_input(path, f"LoRA file of spec {spec.name!r}", "a .safetensors LoRA file (diffusers or kohya)")
         if spec.unet:
@@ -110,8 +111,10 @@ def eval_arguments(e: argparse.ArgumentParser) -> argparse.ArgumentParser:
     e.add_argument("--scheduler", choices=SCHEDULERS, default="ddim")
     e.add_argument("--eta", type=float)
     e.add_argument("--steps", type=positive_int, nargs="+", default=[1], help="one row per step count")
-    e.add_argument("--guidance", type=float, default=0.0)
+    e.add_argument("--guidance", type=float, help="CFG scale (default 0: none); on FLUX.1 its embedded guidance "
+                                                  "(default 3.5)")
     e.add_argument("--dtype", choices=DTYPES, default="float32")
+    e.add_argument("--t5", action="store_true", help="SD3: with the folder's T5 encoder (as hsd generate --t5)")
     e.add_argument("--size", type=int, help="image side (default: the model's native size)")
     e.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     e.add_argument("--batch-size", type=positive_int, default=8)

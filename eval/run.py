@@ -32,21 +32,28 @@ class ModelSpec:
     model: str
     steps: int
     scheduler: str = "ddim"
-    guidance: float = 0.0
+    guidance: float | None = None     # default: 0 (no CFG), or FLUX.1's embedded 3.5 (hsd generate's default)
     lora: tuple[tuple[str, float], ...] = ()
     unet: str | None = None
     eta: float | None = None
     dtype: str = "float32"
     size: int | None = None           # default: the model's native size
+    t5: bool = False                  # SD3: with the folder's T5 encoder (a LoRA trained with model.t5)
     paper: str | None = None          # the paper row to print beside ours (default: `name`)
+
+    def __post_init__(self):
+        if self.guidance is None:  # resolved here, so the key and the table hold the value the images used
+            from hsd.pipelines.recipes import DEFAULT_GUIDANCE, model_family
+            object.__setattr__(self, "guidance", DEFAULT_GUIDANCE.get(model_family(Path(self.model)), 0.0))
 
     @property
     def type(self) -> str:
         return "LoRA" if self.lora else "UNet"
 
     def key(self) -> str:
-        """Hash of the fields that shape the images (not the row's labels)."""
-        shape = {k: v for k, v in asdict(self).items() if k not in ("name", "paper")}
+        """Hash of the fields that shape the images (not the row's labels; t5 only when on, so the keys of the runs
+        stored before it existed still match)."""
+        shape = {k: v for k, v in asdict(self).items() if k not in ("name", "paper") and (k != "t5" or v)}
         return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
@@ -180,7 +187,8 @@ def _generate(generator, spec: ModelSpec, items: list[Item], store: Store, batch
 
 def load_spec_generator(spec: ModelSpec, device: str):
     from hsd.pipelines.generate import load_generator
-    return load_generator(spec.model, list(spec.lora), spec.unet, spec.scheduler, spec.eta, spec.dtype, device)
+    return load_generator(spec.model, list(spec.lora), spec.unet, spec.scheduler, spec.eta, spec.dtype, device,
+                          t5=spec.t5)
 
 
 def summarize(spec: ModelSpec, records: list[dict], skipped: list[str]) -> Summary:

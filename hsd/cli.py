@@ -88,8 +88,11 @@ def cmd_random_model(args) -> None:
     if args.arch not in {**ARCHS, **DIT_ARCHS}:
         raise ModelError(f"unknown architecture {args.arch!r}; known: {', '.join([*ARCHS, *DIT_ARCHS])}")
     check_output(args.out, "random-model OUT", replaces="model_index.json")
-    build = build_dit if args.arch in DIT_ARCHS else build_components
-    path = build(args.arch, seed=args.seed).save_pretrained(args.out)
+    if args.t5 and (args.arch not in DIT_ARCHS or DIT_ARCHS[args.arch].family != "sd3"):
+        raise ModelError(f"--t5 adds SD3's optional T5 encoder (sd3, tiny-sd3), not to {args.arch}")
+    parts = build_dit(args.arch, seed=args.seed, t5=args.t5) if args.arch in DIT_ARCHS else \
+        build_components(args.arch, seed=args.seed)
+    path = parts.save_pretrained(args.out)
     print(f"saved random-weight {args.arch} components to {path}")
 
 
@@ -137,9 +140,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="only summarise the tables already in --out (arms run as separate calls)")
     ab.set_defaults(fn=cmd_ablate)
     rm = sub.add_parser("random-model", help="save random-weight components of an architecture (tests, benchmarks)")
-    rm.add_argument("arch", help="sd15 | sdxl | sd3 (the real architectures) | tiny-sd15 | tiny-sdxl | tiny-sd3")
+    rm.add_argument("arch", help="sd15 | sdxl | sd3 | flux (the real architectures) | tiny-sd15 | tiny-sdxl | "
+                                 "tiny-sd3 | tiny-flux")
     rm.add_argument("out")
     rm.add_argument("--seed", type=int, default=0)
+    rm.add_argument("--t5", action="store_true", help="SD3: also write its optional T5 encoder (text_encoder_3)")
     rm.set_defaults(fn=cmd_random_model)
     from eval.cli import add_eval_commands
 

@@ -6,6 +6,7 @@ before any "-flow" suffix (`hsd.lab.world.lab_world`), its teacher is the shippe
 """
 from __future__ import annotations
 
-WORLDS = {"lab": "lab", "sd15": "sd", "sdxl": "sd", "sd3": "sd"}  # sd3: SD3 / SD3.5 folders (hsd.models.dit)
+WORLDS = {"lab": "lab", "sd15": "sd", "sdxl": "sd", "sd3": "sd", "flux": "sd"}
+DIT_WORLDS = ("sd3", "flux")  # flow-matching transformers from local folders (hsd.models.dit): SD3 / SD3.5, FLUX.1
 LAB_WORLDS = {"digits": "vp", "blocks": "vp", "digits-flow": "flow"}
 DEFAULT_LAB_WORLD = "digits"

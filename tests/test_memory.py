@@ -146,6 +146,26 @@ def test_sd3_medium_tscd_lora_shards_its_transformer_on_the_joint_blocks():
     assert fsdp["frozen weights"] < one["frozen weights"] - 3 * GIB
 
 
+def test_flux_dev_tscd_lora_shards_its_double_and_single_blocks():
+    """FLUX.1-dev's real transformer (bf16, 11.9 B) is sharded on its 19 + 38 blocks, gathered one at a time (plus the
+    prefetched one and the root); T5-XXL and CLIP-L stay whole: 8 ranks hold under 16 GiB of frozen weights where one
+    holds 31.8 GiB."""
+    from diffusers import FluxTransformer2DModel
+
+    from hsd.models.dit import DIT_ARCHS
+    cfg = load_run([str(ROOT / "experiments/flux/tscd.yaml")], [])
+    [f, *_] = footprints(cfg, fsdp=True, activations=False)
+    with torch.device("meta"):
+        net = FluxTransformer2DModel(**DIT_ARCHS["flux"].transformer)
+    n = sum(p.numel() for p in net.parameters())
+    blocks = [sum(p.numel() for p in b.parameters()) for b in [*net.transformer_blocks, *net.single_transformer_blocks]]
+    assert len(blocks) == 57 and f.frozen_sharded == 2 * n
+    assert f.gathered == (n - sum(blocks) + 2 * max(blocks)) * 2
+    assert f.parts["transformer"] == 2 * n and abs(f.parts["text encoders"] / GIB - 9.34) < 0.01
+    fsdp, one = per_rank(f, "fsdp", 8), per_rank(f, "auto", 1)
+    assert fsdp["frozen weights"] < 16 * GIB and one["frozen weights"] > 31 * GIB
+
+
 def test_per_rank_arithmetic():
     f = Footprint("dmd", 2, frozen=8, frozen_sharded=80, trained=4, trained_sharded=800, optimizer=8,
                   optimizer_sharded=1600, ddp_buckets=804, gathered=24,

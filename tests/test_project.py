@@ -43,7 +43,7 @@ def test_every_experiment_config_loads():
             assert [s.k for s in cfg.tscd.stages] == [8, 4, 2, 1]
             assert [s.w_adv > 0 for s in cfg.tscd.stages] == [False, False, True, True]
             assert cfg.world == f.parent.name
-    assert worlds == {"lab", "sd15", "sdxl", "sd3"}
+    assert worlds == {"lab", "sd15", "sdxl", "sd3", "flux"}
 
 
 def test_unknown_config_key_is_named(tmp_path):

@@ -46,7 +46,8 @@ def tcd_default(steps: int) -> list[int]:
 
 
 def test_configs_exist():
-    assert len(TRAINING) >= 20 and {p.parent.name for p in TRAINING} == {"sd15", "sdxl", "sd3", "tiny", "lab", "ablations"}
+    assert len(TRAINING) >= 20
+    assert {p.parent.name for p in TRAINING} == {"sd15", "sdxl", "sd3", "flux", "tiny", "lab", "ablations"}
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8, 12])

@@ -20,7 +20,7 @@ from hsd.lit.tscd import TSCDModule
 from hsd.losses.adversarial import d_loss, g_loss
 from hsd.models.components import ARCHS, ModelError, build_components, check_family, load_components
 from hsd.models.conditioning import LatentEncoder, TextConditioner
-from hsd.models.discriminator import FeatureDiscriminator, build_discriminator, feature_channels, unet_features
+from hsd.models.discriminator import FeatureDiscriminator, build_discriminator, feature_channels, denoiser_features
 from hsd.models.lora import attach_lora, load_lora, lora_params
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -107,13 +107,13 @@ def test_unet_features_stop_early_equals_full_forward_and_pass_gradient(up):
     x = torch.randn(2, 4, 8, 8, requires_grad=True)
     cond = {"encoder_hidden_states": torch.randn(2, 77, 32)}
     t = torch.tensor([10, 500])
-    early = unet_features(c.unet, x, t, cond, up=up, stop=True)
-    full = unet_features(c.unet, x, t, cond, up=up, stop=False)
+    early = denoiser_features(c.unet, x, t, cond, up=up, stop=True)
+    full = denoiser_features(c.unet, x, t, cond, up=up, stop=False)
     assert [f.shape[1] for f in early] == feature_channels(c.unet, up)
     assert len(early) == len(c.unet.down_blocks) + 1 + up * len(c.unet.up_blocks)
     assert all(torch.equal(a, b) for a, b in zip(early, full))
     # conditioned on a start point (SDXL-Lightning): the heads see both; the logits change with the start point
-    start = [f.detach() for f in unet_features(c.unet, torch.randn(2, 4, 8, 8), t + 100, cond, up=up)]
+    start = [f.detach() for f in denoiser_features(c.unet, torch.randn(2, 4, 8, 8), t + 100, cond, up=up)]
     disc = FeatureDiscriminator(feature_channels(c.unet, up), 16, conditioned=True)
     g_loss(disc(early, start)).backward()
     assert x.grad is not None and x.grad.abs().sum() > 0

@@ -1,23 +1,19 @@
 """SD3 (a flow-matching transformer) end to end on CPU: the real architecture on the meta device, a tiny random
 SD3 folder, TSCD -> feedback -> DMD through `hsd train`, LoRA files that diffusers' own StableDiffusion3Pipeline
 loads to the same image as `hsd generate`, an exact resume, and the refusals."""
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
-from safetensors.torch import load_file
 
+from dit_common import ROOT, captioned_images, check_ddp_equals_fsdp, check_resume_is_exact, hsd, \
+    train_whole_plan
 from hsd.config import load_config
 from hsd.errors import ConfigError
-from hsd.models.dit import DIT_ARCHS, build_dit, load_dit, sd3_pipeline
+from hsd.models.dit import DIT_ARCHS, build_dit, load_dit, dit_pipeline
 
-ROOT = Path(__file__).resolve().parent.parent
-HSD = [sys.executable, "-m", "hsd.cli"]
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +23,7 @@ def model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-        (folder / f"{i}.txt").write_text(f"a photo of thing {i}")
-    return folder
-
-
-def _hsd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*HSD, *args], capture_output=True, text=True, cwd=cwd)
+    return captioned_images(tmp_path_factory.mktemp("images"))
 
 
 def test_the_real_sd3_architecture():
@@ -59,39 +46,24 @@ def test_random_sd3_folder_round_trips(model):
     a, b = c.transformer.state_dict(), again.transformer.state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert again.scheduler.config.shift == 3.0 and len(again.text_encoders) == 2
-    pipe = sd3_pipeline(again)  # diffusers' own pipeline takes the folder's parts without T5
+    pipe = dit_pipeline(again)  # diffusers' own pipeline takes the folder's parts without T5
     x = pipe("a cat", num_inference_steps=2, sigmas=[1.0, 0.5], height=16, width=16, output_type="np").images
     assert x.shape == (1, 16, 16, 3)
 
 
 @pytest.mark.slow
 def test_sd3_trains_every_stage_and_diffusers_loads_the_loras(model, images, tmp_path):
-    from hsd.scorers.random_weights import write_random_scorers
-    write_random_scorers(tmp_path / "scorers", "tiny")
-    r = _hsd("train", str(ROOT / "experiments/tiny/sd3.yaml"), f"model.path={model}", f"data.folder={images}",
-             f"out_dir={tmp_path}", "name=run", "feedback.iterations=2", "feedback.batch_size=2", "feedback.steps=2",
-             f"feedback.scorers={tmp_path / 'scorers'}", "feedback.rewards={Aes: {margin: 100.0, weight: 1.0}}",
-             cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = tmp_path / "run"
-    files = [out / f"lora_stage{i}_k{k}.safetensors" for i, k in enumerate((8, 4, 2, 1))]
-    files += [out / "lora_feedback.safetensors", out / "lora_unified.safetensors"]
-    for f in files:
-        with safe_open(f, "pt") as h:
-            assert all(k.startswith("transformer.") for k in h.keys()), f  # diffusers' SD3 layout
-    assert not list(out.glob("*.kohya.safetensors"))  # kohya files are UNet files
-    assert any(v.abs().sum() > 0 for k, v in load_file(files[3]).items() if "lora_B" in k)
-    assert "--scheduler euler" in (out / "loras.md").read_text()
+    files = train_whole_plan("experiments/tiny/sd3.yaml", model, images, tmp_path)
     # hsd generate at 1/2/4/8 steps with the release's SD3 preset (CFG 3; hsd's file stores its alpha: fused at 1)...
-    g = _hsd("generate", "--model", str(model), "--lora", str(files[3]), "--preset", "hyper-sd3-4",
-             "--steps", "1", "2", "4", "8", "--prompt", "a cat", "--out", str(tmp_path / "png"), cwd=tmp_path)
+    g = hsd("generate", "--model", str(model), "--lora", str(files[3]), "--preset", "hyper-sd3-4",
+            "--steps", "1", "2", "4", "8", "--prompt", "a cat", "--out", str(tmp_path / "png"), cwd=tmp_path)
     assert g.returncode == 0, g.stderr[-3000:]
     pngs = sorted((tmp_path / "png").glob("*.png"))
     assert len(pngs) == 4 and all(np.asarray(Image.open(p)).std() > 0 for p in pngs)
     # ...is diffusers' own pipeline with load_lora_weights on hsd's file, image for image.
     from hsd.pipelines import load_generator
     gen = load_generator(str(model), lora=[(str(files[3]), 1.0)], scheduler="euler")  # hsd's file: its own alpha
-    pipe = sd3_pipeline(load_dit(model))
+    pipe = dit_pipeline(load_dit(model))
     pipe.load_lora_weights(str(files[3]))
     pipe.fuse_lora(lora_scale=1.0)
     for steps in (1, 2, 4, 8):
@@ -109,57 +81,26 @@ def test_sd3_trains_every_stage_and_diffusers_loads_the_loras(model, images, tmp
 
 @pytest.mark.slow
 def test_sd3_resume_is_exact(model, images, tmp_path):
-    """2 updates, stop, resume to 4 == 4 uninterrupted updates, bit for bit (velocity targets, Euler jumps)."""
-    def train(name: str, iterations: int) -> Path:
-        r = _hsd("train", str(ROOT / "experiments/tiny/sd3.yaml"), f"model.path={model}", f"data.folder={images}",
-                 f"out_dir={tmp_path}", f"name={name}", "trainer.ckpt_every=2", "dmd.iterations=0",
-                 f"tscd.stages=[{{k: 2, grid_steps: 8, iterations: {iterations}}}]", cwd=tmp_path)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return tmp_path / name / "lora_stage0_k2.safetensors"
-
-    full = load_file(train("full", 4))
-    cut = train("cut", 2)
-    cut.unlink()  # as if the run had died before its stage ended
-    resumed = load_file(train("cut", 4))
-    assert set(full) == set(resumed) and all(torch.equal(full[k], resumed[k]) for k in full)
+    check_resume_is_exact("experiments/tiny/sd3.yaml", model, images, tmp_path)
 
 
 def test_sd3_refusals(model, images, tmp_path):
-    with pytest.raises(ConfigError, match="w_adv > 0: the adversarial term reads UNet block features"):
-        load_config([str(ROOT / "experiments/tiny/sd3.yaml")], [f"model.path={model}", f"data.folder={images}",
-                                                                 "tscd.stages=[{k: 1, w_adv: 1.0}]"])
-    r = _hsd("generate", "--model", str(model), "--scheduler", "tcd", "--steps", "1", "--prompt", "a", "--out",
-             str(tmp_path / "o"), cwd=tmp_path)
+    r = hsd("generate", "--model", str(model), "--scheduler", "tcd", "--steps", "1", "--prompt", "a", "--out",
+            str(tmp_path / "o"), cwd=tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("hsd: error: ") \
         and "flow-matching" in r.stderr and "Traceback" not in r.stderr
     unet_lora = tmp_path / "unet.safetensors"
     from safetensors.torch import save_file
     save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 32),
                "unet.down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.zeros(32, 4)}, str(unet_lora))
-    r = _hsd("generate", "--model", str(model), "--lora", str(unet_lora), "--steps", "1", "--prompt", "a", "--out",
-             str(tmp_path / "o2"), cwd=tmp_path)
+    r = hsd("generate", "--model", str(model), "--lora", str(unet_lora), "--steps", "1", "--prompt", "a", "--out",
+            str(tmp_path / "o2"), cwd=tmp_path)
     assert r.returncode == 2 and "is a LoRA of a unet, but this model's denoiser is a transformer" in r.stderr
 
 
 @pytest.mark.slow
 def test_sd3_two_processes_ddp_and_fsdp_on_cpu_train_the_same_lora(model, images, tmp_path):
-    """2-process DDP and 2-process FSDP (the frozen transformer sharded on its joint blocks, the LoRA whole on every
-    rank) train the same TSCD LoRA, to rounding."""
-    fsdp = [sys.executable, str(ROOT / "tests" / "fsdp_lightning_cpu.py")]  # Lightning's FSDP, allowed on CPU
-    files = {}
-    for strategy, cmd in (("ddp", HSD), ("fsdp", fsdp)):
-        r = subprocess.run([*cmd, "train", str(ROOT / "experiments/tiny/sd3.yaml"), f"model.path={model}",
-                            f"data.folder={images}", f"out_dir={tmp_path}", f"name={strategy}", "trainer.devices=2",
-                            f"trainer.strategy={strategy}", "feedback.iterations=0", "dmd.iterations=0",
-                            "tscd.stages=[{k: 2, grid_steps: 8, iterations: 2}]"],
-                           capture_output=True, text=True, cwd=tmp_path)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert "distributed_backend=gloo" in r.stderr and "All distributed processes registered" in r.stderr
-        files[strategy] = load_file(tmp_path / strategy / "lora_stage0_k2.safetensors")
-    a, b = files["ddp"], files["fsdp"]
-    assert a.keys() == b.keys() and all(k.startswith("transformer.") for k in a)
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # it trained: B left zero
+    check_ddp_equals_fsdp("experiments/tiny/sd3.yaml", model, images, tmp_path)
 
 
 def test_a_preset_fuses_the_release_files_at_its_scale_and_hsd_files_at_one(tmp_path):
@@ -195,3 +136,47 @@ def test_transformer_lora_files_keep_their_prefix(tmp_path):
         merge_loras([str(dit), str(unet)], [1.0, 1.0], tmp_path / "x.safetensors", "diffusers")
     with pytest.raises(LoraFormatError, match="kohya layout holds UNet LoRAs only"):
         convert_lora(dit, tmp_path / "k.safetensors", "kohya")
+
+
+def test_sd3_t5_is_optional_and_conditions_when_loaded(tmp_path):
+    """With model.t5 / --t5 the folder's T5 is loaded and its tokens follow CLIP's (77 + 256, the pipeline's
+    max_sequence_length); without it the pipeline's text_encoder_3=None path puts zeros there."""
+    from hsd.models.conditioning import PipelineText
+    path = build_dit("tiny-sd3", t5=True).save_pretrained(tmp_path / "t5")
+    with_t5, without = load_dit(path, "sd3", t5=True), load_dit(path, "sd3")
+    assert len(with_t5.text_encoders) == 3 and len(without.text_encoders) == 2
+    a, b = PipelineText(with_t5)(["a cat"]), PipelineText(without)(["a cat"])
+    assert a["encoder_hidden_states"].shape[1] == 77 + 256 and b["encoder_hidden_states"][:, 77:].abs().max() == 0
+    assert a["encoder_hidden_states"][:, 77:].abs().max() > 0 and torch.equal(a["pooled_projections"],
+                                                                               b["pooled_projections"])
+    with pytest.raises(Exception, match="has no text_encoder_3 folder"):
+        load_dit(build_dit("tiny-sd3").save_pretrained(tmp_path / "no_t5"), "sd3", t5=True)
+    with pytest.raises(ConfigError, match="model.t5: SD3's optional T5 encoder"):
+        load_config([str(ROOT / "experiments/tiny/flux.yaml")], ["model.path=x", "data.folder=y", "model.t5=true"])
+
+
+@pytest.mark.slow
+def test_sd3_trained_with_t5_generates_as_diffusers_with_t5(images, tmp_path):
+    """A LoRA trained with model.t5=true, sampled by `hsd generate --t5`, equals diffusers' own pipeline loaded
+    from the folder (which reads its T5) with load_lora_weights on hsd's file."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from hsd.pipelines import load_generator
+    model = build_dit("tiny-sd3", t5=True).save_pretrained(tmp_path / "model")
+    r = hsd("train", str(ROOT / "experiments/tiny/sd3.yaml"), f"model.path={model}", f"data.folder={images}",
+            f"out_dir={tmp_path}", "name=run", "model.t5=true", "dmd.iterations=0",
+            "tscd.stages=[{k: 2, grid_steps: 8, iterations: 2}]", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lora = tmp_path / "run" / "lora_stage0_k2.safetensors"
+    gen = load_generator(str(model), lora=[(str(lora), 1.0)], scheduler="euler", t5=True)
+    pipe = StableDiffusion3Pipeline.from_pretrained(model, local_files_only=True)
+    assert pipe.text_encoder_3 is not None
+    pipe.load_lora_weights(str(lora))
+    pipe.fuse_lora(lora_scale=1.0)
+    kw = dict(num_inference_steps=2, guidance_scale=3.0, output_type="pt")
+    theirs = pipe("a cat", sigmas=[1.0, 0.5], generator=torch.Generator().manual_seed(0), **kw).images
+    ours = gen.pipe(prompt=["a cat"], generator=[torch.Generator().manual_seed(0)], **kw, **gen._schedule(2)).images
+    assert (ours - theirs).abs().max() <= 1e-4
+    r = hsd("generate", "--model", str(model), "--t5", "--lora", str(lora), "--steps",
+            "2", "--prompt", "a cat", "--out", str(tmp_path / "png"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]

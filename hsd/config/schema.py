@@ -157,7 +157,7 @@ class Lab:
 
 @dataclass
 class Model:
-    """SD1.5 / SDXL weights (world: sd15 | sdxl), all from local files."""
+    """The weights of the SD worlds (world: sd15 | sdxl | sd3 | flux), all from local files."""
     path: str = ""             # diffusers folder (model_index.json) or a single-file .safetensors
     config: str = ""           # for a single file: a diffusers folder with the configs and tokenizers
     vae: str = ""              # optional replacement VAE folder (e.g. an fp16-fixed SDXL VAE)
@@ -168,6 +168,9 @@ class Model:
     lora_init: str = ""        # start from this LoRA file (e.g. a released Hyper-SD LoRA) instead of zeros
     gradient_checkpointing: bool = False
     resolution: int = field(default=512, metadata=ge(1))
+    # SD3: also load the folder's T5-XXL (text_encoder_3) and condition on it, as its pipeline does when the folder
+    # has one; off: the pipeline's text_encoder_3=None path (zeros in T5's place). FLUX always reads its T5.
+    t5: bool = False
 
 
 @dataclass

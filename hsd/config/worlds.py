@@ -4,7 +4,7 @@ paths), for commands that read none of them (`hsd memory`)."""
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..names import LAB_WORLDS, WORLDS
+from ..names import WORLDS
 from .schema import Run
 
 LAB_REWARDS = ("lab",)
@@ -24,18 +24,9 @@ def _rewards(run: Run, known: tuple[str, ...]) -> None:
                           f"{', '.join(known)}")
 
 
-def _unet_only(run: Run, transformer: bool, what: str) -> None:
-    """The adversarial term's discriminator reads a UNet's down/mid/up block features (hsd.models.discriminator)."""
-    adv = [i for i, s in enumerate(run.tscd.stages) if s.w_adv > 0]
-    if transformer and adv:
-        raise ConfigError(f"tscd.stages.{adv[0]}.w_adv > 0: the adversarial term reads UNet block features, and "
-                          f"{what} is a transformer (not built yet for DiTs: docs/flow.md); set w_adv: 0")
-
-
 def lab_rules(run: Run, inputs: bool = True) -> None:
     f = run.feedback
     _rewards(run, LAB_REWARDS)
-    _unet_only(run, not run.lab.teacher and LAB_WORLDS.get(run.lab.world) == "flow", f"lab.world={run.lab.world}")
     if f.instance_weight and (f.iterations or run.dmd.w_feedback):
         raise ConfigError("feedback.instance_weight: the instance loss needs COCO and SOLO (SD worlds only)")
 
@@ -43,7 +34,9 @@ def lab_rules(run: Run, inputs: bool = True) -> None:
 def sd_rules(run: Run, inputs: bool = True) -> None:
     f = run.feedback
     _rewards(run, SD_REWARDS)
-    _unet_only(run, run.world == "sd3", "SD3's denoiser")
+    if run.model.t5 and run.world != "sd3":
+        raise ConfigError(f"model.t5: SD3's optional T5 encoder; world {run.world!r} has none to add "
+                          f"{'(FLUX always reads its T5)' if run.world == 'flux' else ''}".rstrip())
     if not inputs:
         return
     if f.iterations or run.dmd.w_feedback:

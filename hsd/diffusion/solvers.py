@@ -2,7 +2,8 @@
 
 A network function maps (x_t [B,...], t [B], cond) to the network's output: eps for VP, the velocity for flow.
 CFG combines outputs linearly; since eps and x0 are affine in the output at a fixed (x_t, t), guiding the output
-is guiding eps (and x0) with the same w, in both families.
+is guiding eps (and x0) with the same w, in both families. A guidance-distilled teacher (FLUX.1-dev) is instead
+told w through its guidance embedding, in one forward (what its pipeline does, and FastGen's FLUX DMD2).
 """
 from __future__ import annotations
 
@@ -25,26 +26,31 @@ def cfg(out_uncond: Tensor, out_cond: Tensor, w: Tensor | float) -> Tensor:
 
 
 def guided(net_fn: NetFn, x_t: Tensor, t: Tensor, cond, uncond, w) -> Tensor:
-    """Cond and uncond in one batched forward (half the kernel launches of two calls)."""
+    """The guided output: cond and uncond in one batched forward (half the kernel launches of two calls); for a
+    guidance-distilled denoiser (FLUX.1-dev, whose cond carries `guidance`) one forward told w instead."""
+    if embeds_guidance(cond):
+        return net_fn(x_t, t, with_guidance(cond, w))
     both = net_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), cat_cond(uncond, cond))
     out_u, out_c = both.chunk(2)
     return cfg(out_u, out_c, w)
 
 
+def embeds_guidance(cond) -> bool:
+    """Whether the conditioning feeds a guidance embedding (FLUX.1-dev) rather than two-forward CFG."""
+    return isinstance(cond, dict) and "guidance" in cond
+
+
+def with_guidance(cond, w: Tensor | float):
+    """cond with its guidance input set to w (a number or one per sample); a cond without one is returned as is."""
+    if not embeds_guidance(cond):
+        return cond
+    g = cond["guidance"]
+    return {**cond, "guidance": torch.broadcast_to(torch.as_tensor(w, dtype=g.dtype, device=g.device), g.shape)}
+
+
 def teacher_step(sched: NoiseSchedule, net_fn: NetFn, x_t: Tensor, t: Tensor, s: Tensor, cond, uncond, w) -> Tensor:
     """x_hat_s: the teacher's guided deterministic step t -> s (Eq. 3; DDIM for VP, Euler for flow)."""
     return sched.jump(x_t, guided(net_fn, x_t, t, cond, uncond, w), t, s)
-
-
-def denoiser_out(net, x: Tensor, time: Tensor, cond) -> Tensor:
-    """A diffusers denoiser's output at x with its own time value: UNet2DConditionModel and the SD3/FLUX
-    transformers all take the input first and `timestep` by name; cond is a tensor (encoder_hidden_states) or a dict
-    of the network's keyword arguments (SDXL's added conditions, SD3's pooled prompt)."""
-    return net(x, timestep=time, **denoiser_kwargs(cond)).sample
-
-
-def denoiser_kwargs(cond) -> dict:
-    return cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
 
 
 def index_cond(cond, index):

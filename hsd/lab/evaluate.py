@@ -12,9 +12,10 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..diffusion.schedule import NoiseSchedule, trailing_sigmas
-from ..diffusion.solvers import denoiser_out, expand_cond, guided, index_cond
+from ..diffusion.solvers import expand_cond, guided, index_cond
+from ..models.denoisers import denoiser_out
 from ..io import atomic_path
-from ..pipelines.generate import recipe_scheduler
+from ..pipelines.recipes import recipe_scheduler
 from .metrics import Truth, metrics
 from .ode import exact_endpoint
 from .teacher import Teacher
@@ -64,7 +65,7 @@ def sample(unet, scheduler, x_T, cond, uncond=None, w: float = 1.0, steps: int =
 
 def lab_sampler(kind: str, scheduler, timestep: int | None = None):
     """(diffusers scheduler, its sigmas or timesteps override or None) for a recipe kind.
-    VP: the release's recipes (hsd.pipelines.generate.recipe_scheduler). Flow, where diffusers has no TCD or LCM:
+    VP: the release's recipes (hsd.pipelines.recipes.recipe_scheduler). Flow, where diffusers has no TCD or LCM:
     ddim -> Euler on the trailing sigmas (the deterministic jump); tcd -> Euler with stochastic sampling (x0, then
     fresh noise at the next sigma: the consistency multistep sampler, TCD at eta = 1); lcm -> one Euler step to
     clean data from the sigma of index `timestep` (what the one-step generator was trained at)."""

@@ -22,7 +22,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 from transformers.utils import logging as hf_logging
 
 from ..diffusion.schedule import NoiseSchedule
-from ..diffusion.solvers import denoiser_out, index_cond
+from ..diffusion.solvers import index_cond
+from ..models.denoisers import denoiser_out
 from ..errors import MissingFileError
 from ..io import atomic_dir
 from ..names import DEFAULT_LAB_WORLD, LAB_WORLDS

@@ -12,14 +12,13 @@ from contextlib import contextmanager
 import lightning as L
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ..data.batch import COUNTS, Batch, RawBatch, micro_batch
 from ..diffusion.schedule import NoiseSchedule
-from ..diffusion.solvers import denoiser_kwargs, denoiser_out
 from ..errors import MissingPackageError
 from ..models.adapters import TSCD, Adapters
+from ..models.denoisers import denoiser_out
 from .resume import unreadable_checkpoint
 from .sharded import is_sharded
 
@@ -85,11 +84,7 @@ class StageModule(L.LightningModule):
         """The network's output at (x, t): eps (VP) or the velocity (flow); the schedule says what it is given as t.
         `tensors`: run with these in place of the module's own, by name (the EMA target; names checked by its owner,
         since functional_call needs strict=False for the tensors it is not given)."""
-        net, time = unet or self.unet, self.schedule.model_time(t)
-        if tensors is not None:  # the same call as denoiser_out, through functional_call
-            args, kwargs = (x,), {"timestep": time, **denoiser_kwargs(cond)}
-            return functional_call(net, tensors, args, kwargs, strict=False).sample
-        return denoiser_out(net, x, time, cond)
+        return denoiser_out(unet or self.unet, x, self.schedule.model_time(t), cond, tensors)
 
     def student_out(self, x: Tensor, t: Tensor, cond) -> Tensor:
         """The network being trained (the UNet with its active adapters, unless a stage trains a copy)."""

@@ -10,7 +10,7 @@ from torch import Tensor
 from ..data.batch import Batch
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.segments import ddim_grid, sample_times
-from ..diffusion.solvers import NetFn, teacher_step
+from ..diffusion.solvers import NetFn, teacher_step, with_guidance
 
 if TYPE_CHECKING:
     from ..config import TSCD
@@ -48,6 +48,8 @@ class ConsistencyPair:
         if c.offset_noise:
             noise = noise + c.offset_noise * torch.randn(*x0.shape[:2], 1, 1, generator=g).to(x0)
         w = c.guidance_min + (c.guidance_max - c.guidance_min) * torch.rand(B, generator=g)
+        # a guidance-embedded student (FLUX.1-dev) is told the w its teacher runs at; other conds are unchanged
+        cond, uncond = with_guidance(cond, w.to(dev)), with_guidance(uncond, w.to(dev))
         if c.empty_prompts:  # PCM's proportion_empty_prompts: the student also learns the unconditional flow
             cond = with_empty_prompts(cond, uncond, torch.rand(B, generator=g) < c.empty_prompts)
         x_tn = self.schedule.noise(x0, noise, t_n)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from ..data.batch import RawBatch
 from ..diffusion.schedule import NoiseSchedule
 from ..diffusion.segments import inference_timesteps
-from ..diffusion.solvers import guided, teacher_step
+from ..diffusion.solvers import guided, teacher_step, with_guidance
 from ..losses.consistency import distance
 from ..losses.dmd import dmd_loss, fake_score_loss
 from ..models.adapters import FAKE, TSCD
@@ -99,7 +99,9 @@ class DMDModule(StageModule):
     def training_step(self, batch: RawBatch, batch_idx: int) -> Tensor:
         g = self.generator(batch)
         batch = self.encode(batch, g)
-        cond, uncond, like = batch["cond"], batch["uncond"], batch["x0"]
+        # a guidance-embedded generator and fake score (FLUX.1-dev) are told the real score's guidance
+        cond, uncond = (with_guidance(batch[k], self.cfg.guidance) for k in ("cond", "uncond"))
+        like = batch["x0"]
         opt_g, opt_f = self.optimizers()
         z = torch.randn(like.shape, generator=g).to(like)
         x0 = self.generate(z, cond)

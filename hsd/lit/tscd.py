@@ -15,12 +15,13 @@ from torch import Tensor
 
 from ..data.batch import Batch, RawBatch
 from ..diffusion.schedule import NoiseSchedule
-from ..diffusion.solvers import cat_cond, denoiser_kwargs
+from ..diffusion.solvers import cat_cond
+from ..models.denoisers import denoiser_kwargs
 from ..losses.adversarial import d_loss, g_loss
 from ..losses.consistency import tscd_terms
 from ..models.adapters import PREVIOUS
 from ..models.adapters import TSCD as ADAPTER
-from ..models.discriminator import FeatureDiscriminator, unet_features
+from ..models.discriminator import FeatureDiscriminator, denoiser_features
 from ..models.ema import EMA
 from .base import StageModule, adamw, no_checkpointing
 from .consistency import ConsistencyPair
@@ -70,8 +71,8 @@ class TSCDModule(StageModule):
             return self.disc(self.features(x, t, cond), start)
 
     def features(self, x: Tensor, t: Tensor, cond) -> list[Tensor]:
-        return unet_features(self.unet, x, self.schedule.model_time(t), denoiser_kwargs(cond),
-                             self.cfg.adv.up_features, not self.fsdp)
+        return denoiser_features(self.unet, x, self.schedule.model_time(t), denoiser_kwargs(cond),
+                                 self.cfg.adv.up_features, not self.fsdp)
 
     @torch.no_grad()
     def start_features(self, aux: dict) -> list[Tensor] | None:

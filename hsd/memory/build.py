@@ -19,6 +19,7 @@ from torch import nn
 from ..config import Run
 from ..errors import ConfigError
 from ..models.adapters import FAKE, FEEDBACK, PREVIOUS, TSCD, Adapters
+from ..names import DIT_WORLDS
 
 REWARD_SCORERS = ("Aes", "ImageReward", "CLIP", "PickScore")
 # Lightning's precision names -> the dtype every module is cast to ("-true" precisions)
@@ -97,14 +98,14 @@ def _build_parts(cfg: Run, arch: str, meta: torch.device) -> Parts:
     from ..models.components import ARCHS, build_components
     from ..models.conditioning import LatentEncoder, TextConditioner
     from ..models.discriminator import build_discriminator
-    from ..models.dit import DIT_ARCHS, build_dit
+    from ..models.dit import DIT_ARCHS, build_dit, image_tokens
     m = cfg.model
-    if arch in DIT_ARCHS:  # SD3: the transformer, its VAE and CLIP-L/G, conditioned by its pipeline's encode_prompt
+    if arch in DIT_ARCHS:  # SD3 / FLUX: the transformer, its VAE and text encoders, its pipeline's encode_prompt
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         from ..models.conditioning import PipelineText
         with meta:
-            c = build_dit(arch, seed=cfg.seed)
+            c = build_dit(arch, seed=cfg.seed, t5=m.t5)
         scheduler = FlowMatchEulerDiscreteScheduler(**DIT_ARCHS[arch].scheduler)
     else:
         with meta:
@@ -116,7 +117,7 @@ def _build_parts(cfg: Run, arch: str, meta: torch.device) -> Parts:
         enc.to(frozen)
     if m.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    text = PipelineText(c) if c.family == "sd3" else TextConditioner(c.family, c.text_encoders, c.tokenizers)
+    text = PipelineText(c) if c.family in DIT_WORLDS else TextConditioner(c.family, c.text_encoders, c.tokenizers)
     encoder = LatentEncoder(c.vae, text, m.resolution, getattr(torch, m.vae_dtype))
     adapters = Adapters(unet)
     with meta:
@@ -132,8 +133,8 @@ def _build_parts(cfg: Run, arch: str, meta: torch.device) -> Parts:
         fake = adapters.trained_copy({}, checkpointing) if d.iterations and d.fake == "full" else None
         scorers = _scorers(cfg, "tiny" if arch.startswith("tiny") else "real") if _needs_feedback_loss(cfg) else {}
     feedback = _feedback_loss(cfg, encoder, scorers) if _needs_feedback_loss(cfg) else None
-    parts = Parts(cfg, c.family, unet, encoder, NoiseSchedule.from_scheduler(scheduler), adapters, disc, gen, fake,
-                  feedback)
+    schedule = NoiseSchedule.from_scheduler(scheduler, image_tokens(c.vae, m.resolution))  # FLUX: its dynamic shift
+    parts = Parts(cfg, c.family, unet, encoder, schedule, adapters, disc, gen, fake, feedback)
     if cfg.trainer.precision in TRUE_DTYPES:
         for module in modules_of(parts):
             module.to(TRUE_DTYPES[cfg.trainer.precision])

@@ -31,8 +31,8 @@ def load_run(paths: list[str], overrides: list[str]) -> Run:
     from ..config import load_config
     from ..errors import ConfigError
     run = load_config(paths, overrides, inputs=False)
-    if run.world not in ("sd15", "sdxl", "sd3"):
-        raise ConfigError(f"hsd memory models the sd15, sdxl and sd3 worlds, got world {run.world!r} (the lab "
+    if run.world not in ("sd15", "sdxl", "sd3", "flux"):
+        raise ConfigError(f"hsd memory models the sd15, sdxl, sd3 and flux worlds, got world {run.world!r} (the lab "
                           f"world trains on a CPU in minutes)")
     return run
 

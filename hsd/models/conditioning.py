@@ -1,8 +1,8 @@
-"""Raw image-text batches -> (latents, denoiser conditioning), as the SD1.5 / SDXL / SD3 pipelines build them.
+"""Raw image-text batches -> (latents, denoiser conditioning), as the SD1.5 / SDXL / SD3 / FLUX pipelines build them.
 
 Conditioning is a dict of the denoiser's keyword arguments, so SD1.5 ({encoder_hidden_states}), SDXL
-({encoder_hidden_states, added_cond_kwargs: {text_embeds, time_ids}}) and SD3 ({encoder_hidden_states,
-pooled_projections}) go through the same solver code.
+({encoder_hidden_states, added_cond_kwargs: {text_embeds, time_ids}}), SD3 ({encoder_hidden_states,
+pooled_projections}) and FLUX (those and guidance) go through the same solver code.
 """
 from __future__ import annotations
 
@@ -56,21 +56,32 @@ class TextConditioner(nn.Module):
 
 
 class PipelineText(nn.Module):
-    """SD3's conditioning, made by its pipeline's own `encode_prompt` (CLIP-L and CLIP-G penultimate states side by
-    side, zero-padded to the joint width, then T5's tokens or, without T5, zeros; the two pooled outputs side by side)
-    so that training sees exactly what inference feeds. The empty prompt is encoded, not zeroed (SD3's CFG)."""
+    """SD3's and FLUX's conditioning, made by the pipeline's own `encode_prompt`, so that training sees exactly what
+    inference feeds. SD3: CLIP-L and CLIP-G penultimate states side by side, zero-padded to the joint width, then T5's
+    tokens or, without T5, zeros; the two pooled outputs side by side. FLUX: T5's tokens (padded to 512, FluxPipeline's
+    max_sequence_length, which `hsd generate` keeps: the padding tokens are attended to), CLIP-L's pooled output, and
+    the guidance value its embedding takes (guidance-distilled: FLUX.1-dev's pipeline default 3.5, the release's
+    Hyper-FLUX guidance; TSCD and DMD set their own, hsd.diffusion.solvers.with_guidance). The empty prompt is
+    encoded, not zeroed, as both pipelines do."""
 
-    def __init__(self, components):
+    def __init__(self, components, guidance: float = 3.5):
         super().__init__()
-        from .dit import sd3_pipeline
+        from .dit import dit_pipeline
         self.encoders = nn.ModuleList(components.text_encoders).requires_grad_(False).eval()
-        self.pipe = sd3_pipeline(components)  # not a Module: its transformer is not registered here twice
+        self.pipe = dit_pipeline(components)  # not a Module: its transformer is not registered here twice
+        self.flux, self.guidance = components.family == "flux", guidance
         self._empty: dict | None = None
 
     @torch.no_grad()
     def forward(self, captions: list[str], original_size: Tensor | None = None, crop_top_left: Tensor | None = None,
                 target_size: tuple[int, int] = (1024, 1024)) -> dict:
-        emb, _, pooled, _ = self.pipe.encode_prompt(list(captions), None, None, device=self.encoders[0].device,
+        device = self.encoders[0].device
+        if self.flux:
+            emb, pooled, _ = self.pipe.encode_prompt(list(captions), None, device=device,
+                                                     max_sequence_length=512)
+            return {"encoder_hidden_states": emb, "pooled_projections": pooled,
+                    "guidance": torch.full((len(captions),), self.guidance, device=device)}
+        emb, _, pooled, _ = self.pipe.encode_prompt(list(captions), None, None, device=device,
                                                     do_classifier_free_guidance=False)
         return {"encoder_hidden_states": emb, "pooled_projections": pooled}
 

@@ -8,7 +8,7 @@ import inspect
 import json
 from pathlib import Path
 
-FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3"}
+FAMILY_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL", "sd3": "SD3", "flux": "FLUX"}
 CONTROLNET_FOLDER = "a diffusers ControlNetModel folder with config.json and diffusion_pytorch_model.safetensors"
 IMAGE_FILE = "an image file PIL can read: PNG, JPEG, WebP..."
 # The UNet settings a ControlNet must share: its residuals are added to the UNet's, block by block, and it reads

@@ -4,7 +4,7 @@ The recipes are the Hyper-SD README's (schedulers built from the model's own sch
   ddim     N-step LoRAs: DDIM with "trailing" spacing (so one step runs at t=999), no CFG.
   tcd      the unified 1-8 step LoRA: TCD with eta (1.0 at one step; lower keeps more detail over more steps).
   lcm      the one-step UNet (--unet): LCM at timestep 800, the timestep it was trained at.
-  euler    flow-matching models (SD3): FlowMatchEuler on the trailing sigmas linspace(1, 1/k, k) (the N-step
+  euler    flow-matching models (SD3, FLUX): FlowMatchEuler on the trailing sigmas linspace(1, 1/k, k) (the N-step
            LoRAs' recipe there; "ddim" on SD3 means the same).
   default  the model's scheduler, untouched.
 `--preset` names a release recipe (PRESETS: steps, guidance, LoRA scale), e.g. hyper-sd3-8: 8 steps, CFG 5, the
@@ -30,7 +30,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..io import atomic_path, check_output
 from .controlnet import CONTROLNET_FOLDER, FAMILY_NAMES, IMAGE_FILE
-from .recipes import PRESETS, GenerateError, apply_preset
+from .recipes import PRESETS, GenerateError, apply_preset, model_family, recipe_scheduler
 
 SCHEDULERS = ("ddim", "tcd", "lcm", "euler", "default")
 FLOW_SCHEDULERS = ("ddim", "euler", "default")  # a flow-matching model has no TCD or LCM scheduler in diffusers
@@ -38,12 +38,12 @@ DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_ETA = {"tcd": 1.0}              # every other eta-taking scheduler: 0.0, i.e. deterministic DDIM
 ONE_STEP_TIMESTEPS = {"lcm": [800]}     # more steps use the scheduler's own spacing
 LORA_LAYOUTS = ("safetensors in the diffusers layout ('unet.<module>.lora_A.weight', 'transformer.<module>...' for "
-                "SD3) or the kohya layout ('lora_unet_<module>.lora_down.weight')")
+                "SD3 and FLUX) or the kohya layout ('lora_unet_<module>.lora_down.weight')")
 OTHER_ARCH = "the LoRA was trained for another architecture (e.g. an SD1.5 LoRA on an SDXL model)"
 
 
 def pipe_denoiser(pipe):
-    """A diffusers pipeline's denoiser: its UNet (SD1.5, SDXL) or its transformer (SD3)."""
+    """A diffusers pipeline's denoiser: its UNet (SD1.5, SDXL) or its transformer (SD3, FLUX)."""
     return getattr(pipe, "unet", None) or pipe.transformer
 
 
@@ -56,7 +56,9 @@ class ImageGenerator:
 
     @property
     def native_size(self) -> int:
-        return pipe_denoiser(self.pipe).config.sample_size * self.pipe.vae_scale_factor
+        """The pipeline's default side (FLUX's transformer states none: its pipeline's 128 latents, 1024 px)."""
+        latent = getattr(self.pipe, "default_sample_size", None) or pipe_denoiser(self.pipe).config.sample_size
+        return latent * self.pipe.vae_scale_factor
 
     def _schedule(self, steps: int) -> dict:
         """The pipeline's scheduling arguments: trailing sigmas (flow), or one-step timesteps and eta (VP)."""
@@ -119,25 +121,30 @@ class ImageGenerator:
 
 def load_generator(model: str | Path, lora: list[tuple[str | Path, float]] = (), unet: str | Path | None = None,
                    scheduler: str = "ddim", eta: float | None = None, dtype: str = "float32",
-                   device: str = "cpu", controlnet: str | Path | None = None) -> ImageGenerator:
+                   device: str = "cpu", controlnet: str | Path | None = None, t5: bool = False) -> ImageGenerator:
     """A model folder, optional LoRAs fused at their weights, an optional replacement UNet, an optional
-    ControlNet folder (its generator then needs a control image), and a recipe."""
+    ControlNet folder (its generator then needs a control image), and a recipe. `t5`: SD3 with its T5 encoder (for
+    a LoRA trained with model.t5)."""
     import torch
 
     from ..models.components import load_components, pipeline
-    from ..models.dit import is_dit_folder, load_dit, sd3_pipeline
+    from ..models.dit import dit_family, dit_pipeline, is_dit_folder, load_dit
     if scheduler not in SCHEDULERS or dtype not in DTYPES:
         raise GenerateError(f"scheduler must be one of {SCHEDULERS} and dtype one of {DTYPES}, "
                             f"not {scheduler!r} and {dtype!r}")
-    if is_dit_folder(Path(model)):
+    dit = is_dit_folder(Path(model))
+    if t5 and not (dit and dit_family(model) == "sd3"):
+        raise GenerateError(f"--t5 adds SD3's optional T5 encoder; {model} is not an SD3 folder (FLUX always reads "
+                            f"its T5)")
+    if dit:
         if scheduler not in FLOW_SCHEDULERS or unet or controlnet:
-            raise GenerateError(f"{model} is a flow-matching model (SD3): --scheduler one of "
+            raise GenerateError(f"{model} is a flow-matching model (SD3 or FLUX): --scheduler one of "
                                 f"{', '.join(FLOW_SCHEDULERS)}, and no --unet or --controlnet")
-        components = load_dit(model)
-        pipe = sd3_pipeline(components)
+        components = load_dit(model, t5=t5)
+        pipe = dit_pipeline(components)
     else:
         if scheduler == "euler":
-            raise GenerateError(f"--scheduler euler is for flow-matching models (SD3); {model} is a UNet model")
+            raise GenerateError(f"--scheduler euler is for flow-matching models (SD3, FLUX); {model} is a UNet model")
         components = load_components(model)  # without transformers' per-encoder bars: ours is one bar over images
         if unet:
             components.unet = _load_unet(Path(unet), components)
@@ -159,24 +166,8 @@ def load_generator(model: str | Path, lora: list[tuple[str | Path, float]] = (),
     eta = (DEFAULT_ETA.get(scheduler, 0.0) if eta is None else eta) if takes_eta else None
     sources = dict(model=str(model), lora=[dict(path=str(p), weight=float(w)) for p, w in lora],
                    unet=str(unet) if unet else None, controlnet=str(controlnet) if controlnet else None,
-                   dtype=dtype, hsd_version=version("hsd"))
+                   dtype=dtype, t5=t5, hsd_version=version("hsd"))
     return ImageGenerator(pipe, scheduler, eta, sources)
-
-
-def _lcm_start_is_intended(record) -> bool:
-    """The one-step UNet's recipe starts at t = 800 on purpose; LCM warns about any start but T - 1."""
-    return "first timestep on the custom timestep schedule" not in record.getMessage()
-
-
-def recipe_scheduler(name: str, config):
-    """The release recipe's scheduler ("ddim" trailing, "tcd", "lcm") built from a model's scheduler config."""
-    import logging
-
-    from diffusers import DDIMScheduler, LCMScheduler, TCDScheduler
-    logging.getLogger("diffusers.schedulers.scheduling_lcm").addFilter(_lcm_start_is_intended)  # once: same object
-    if name == "ddim":
-        return DDIMScheduler.from_config(config, timestep_spacing="trailing")
-    return {"tcd": TCDScheduler, "lcm": LCMScheduler}[name].from_config(config)
 
 
 def _load_unet(path: Path, components):
@@ -297,13 +288,17 @@ def run_generate(args) -> list[Path]:
     """Every prompt x seed, once per step count; PNGs named by prompt index, seed and steps."""
     from tqdm import tqdm
     check_output(args.out, "--out (the image folder)")
-    apply_preset(args)
+    family = model_family(Path(args.model))
+    apply_preset(args, family)
     prompts = read_prompts(args.prompts) if args.prompts else args.prompt
     control_image = _control_args(args)      # before the models load: a bad image fails in a blink
+    if args.negative_prompt is not None and family == "flux":
+        raise GenerateError("--negative-prompt: FLUX.1-dev is guidance-distilled (no CFG, so no negative prompt); "
+                            "--guidance is the value its guidance embedding takes")
     if args.negative_prompt is not None and args.guidance <= 1:
         print(f"note: --negative-prompt acts only with --guidance > 1, not {args.guidance}", file=sys.stderr)
     gen = load_generator(args.model, args.lora, args.unet, args.scheduler, args.eta, args.dtype, args.device,
-                         args.controlnet)
+                         args.controlnet, args.t5)
     scale = 1.0 if args.control_scale is None else args.control_scale
     jobs = [(i, prompt, args.seed + j) for i, prompt in enumerate(prompts) for j in range(args.n_per_prompt)]
     written = []
@@ -361,7 +356,7 @@ def positive_int(text: str) -> int:
 
 def add_generate_command(subparsers) -> argparse.ArgumentParser:
     g = subparsers.add_parser("generate", help="images with the Hyper-SD recipes; PNGs carry their settings")
-    g.add_argument("--model", required=True, help="diffusers pipeline folder (SD1.5, SDXL or SD3)")
+    g.add_argument("--model", required=True, help="diffusers pipeline folder (SD1.5, SDXL, SD3 or FLUX.1)")
     g.add_argument("--lora", type=lora_or_preset, nargs="+", action="extend", default=[], metavar="FILE[:WEIGHT]",
                    help="LoRA safetensors (diffusers or kohya layout), fused at WEIGHT (default 1, or the preset's)")
     g.add_argument("--unet", help="UNet folder or .safetensors replacing the model's (the one-step UNet)")
@@ -380,10 +375,13 @@ def add_generate_command(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--n-per-prompt", type=positive_int, default=1)
     g.add_argument("--batch-size", type=positive_int, default=4)
     g.add_argument("--guidance", type=float, help="CFG scale; <= 1 disables CFG, as the recipes do (default 0, or the "
-                                                  "preset's)")
+                                                  "preset's); on FLUX.1 the value its guidance embedding takes "
+                                                  "(default 3.5)")
     g.add_argument("--negative-prompt", metavar="TEXT",
                    help="one negative prompt for all images; acts only with --guidance > 1 (the CFG-preserving "
                         "LoRAs' use, at guidance 5-8)")
+    g.add_argument("--t5", action="store_true", help="SD3: also load the folder's T5 encoder (text_encoder_3), as "
+                                                     "for a LoRA trained with model.t5=true (default: without T5)")
     g.add_argument("--controlnet", metavar="DIR", help="ControlNet: a diffusers ControlNetModel folder of the "
                                                       "model's family (SD1.5 or SDXL); needs --control-image")
     g.add_argument("--control-image", type=Path, metavar="FILE",

@@ -10,6 +10,7 @@ import lightning as L
 import torch
 
 from ..diffusion.schedule import NoiseSchedule
+from ..names import DIT_WORLDS
 from ..rewards.feedback import FeedbackLoss
 from .base import log_image
 
@@ -35,23 +36,26 @@ class SDSamples(L.Callback):
         # Frozen weights may be bf16 beside an fp32 VAE and LoRA: autocast lets the pipeline mix them.
         half = module.unet.dtype != torch.float32
         with torch.no_grad(), torch.autocast(module.device.type, dtype=module.unet.dtype, enabled=half):
-            x = pipe(self.captions, num_inference_steps=self.steps, guidance_scale=0.0, height=self.res,
-                     width=self.res, output_type="pt", generator=torch.Generator().manual_seed(0), **extra).images
+            x = pipe(self.captions, num_inference_steps=self.steps, height=self.res, width=self.res, output_type="pt",
+                     generator=torch.Generator().manual_seed(0), **extra).images
         log_image(trainer, f"samples/k{module.stage.k}_{self.steps}step", x.float().cpu(), self.captions, nrow=1)
 
 
 def student_pipeline(components, steps: int):
-    """(the stock pipeline, its extra arguments) that samples a k-step student: DDIM trailing (SD1.5/SDXL) or the
-    flow-matching Euler scheduler on the trailing sigmas (SD3)."""
-    from ..models.dit import DiTComponents, sd3_pipeline
+    """(the stock pipeline, its extra arguments) that samples a k-step student without CFG: DDIM trailing (SD1.5/SDXL)
+    or the flow-matching Euler scheduler on the trailing sigmas (SD3; FLUX at its embedded guidance 3.5, the
+    release's Hyper-FLUX recipe)."""
+    from ..models.dit import DiTComponents, dit_pipeline
     if isinstance(components, DiTComponents):
         from ..diffusion.schedule import trailing_sigmas
-        return sd3_pipeline(components), {"sigmas": trailing_sigmas(steps)}
+        guidance = 3.5 if components.family == "flux" else 0.0
+        return dit_pipeline(components), {"sigmas": trailing_sigmas(steps), "guidance_scale": guidance}
     from ..models.components import pipeline
-    from ..pipelines.generate import recipe_scheduler
+    from ..pipelines.recipes import recipe_scheduler
     pipe = pipeline(components)
     pipe.scheduler = recipe_scheduler("ddim", pipe.scheduler.config)
-    return pipe, {}
+    return pipe, {"guidance_scale": 0.0}
+
 
 
 def check_files(cfg: Run) -> None:
@@ -104,9 +108,9 @@ class SD:
                        FolderSource(d.folder, d.missing_captions))
         need, why = one_batch(cfg)
         check_enough(self.source, need, why)
-        if cfg.world == "sd3":
+        if cfg.world in DIT_WORLDS:
             from ..models.dit import load_dit
-            self.components = c = load_dit(m.path)
+            self.components = c = load_dit(m.path, cfg.world, t5=m.t5)
         else:
             self.components = c = load_components(m.path, m.vae, m.config)
             check_family(c, cfg.world, m.path)
@@ -117,8 +121,9 @@ class SD:
             enc.to(frozen)
         if m.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.schedule = NoiseSchedule.from_scheduler(c.scheduler)
-        text = PipelineText(c) if c.family == "sd3" else TextConditioner(c.family, c.text_encoders, c.tokenizers)
+        from ..models.dit import image_tokens
+        self.schedule = NoiseSchedule.from_scheduler(c.scheduler, image_tokens(c.vae, m.resolution))
+        text = PipelineText(c) if c.family in DIT_WORLDS else TextConditioner(c.family, c.text_encoders, c.tokenizers)
         self.encoder = LatentEncoder(c.vae, text, m.resolution, getattr(torch, m.vae_dtype))
 
     def data(self, batches: int, seed: int, batch_size: int) -> L.LightningDataModule:
@@ -150,7 +155,7 @@ class SD:
         return FeedbackLoss(f, rewards, instance)
 
     def report(self, made: Artefacts, out: Path, adapters: Adapters) -> str:
-        model, flow = self.cfg.model.path, self.cfg.world == "sd3"  # SD3: diffusers-layout files, Euler sampling
+        model, flow = self.cfg.model.path, self.cfg.world in DIT_WORLDS  # diffusers-layout files, Euler sampling
 
         def kohya(path: Path) -> str:
             return "" if flow else str(path.with_suffix(".kohya.safetensors"))
