@@ -266,9 +266,9 @@ def c_lab_unknown_world(w, tmp):
     return ["lab", "lab.world=nope"], ["lab.world must be one of"]
 
 
-def c_lab_flow_world_with_the_adversarial_term(w, tmp):
-    return (["lab", "lab.world=digits-flow", f"out_dir={tmp}", "tscd.stages=[{k: 1, w_adv: 1.0}]"],
-            ["tscd.stages.0.w_adv > 0", "lab.world=digits-flow is a transformer"])
+def c_train_flux_with_sd3s_t5(w, tmp):
+    return (_sd_train(w, tmp, f"data.folder={w.images}", "world=flux", "model.t5=true"),
+            ["model.t5: SD3's optional T5 encoder; world 'flux' has none to add (FLUX always reads its T5)"])
 
 
 def c_train_sd3_on_an_sd15_folder(w, tmp):

@@ -172,15 +172,18 @@ def image_tokens(vae, resolution: int) -> int:
     return side * side
 
 
-def dit_family(path: str | Path) -> str:
-    """"sd3" or "flux": what the folder's model_index.json says it holds, or a one-line ModelError."""
+def dit_family(path: str | Path, expected: str | None = None) -> str:
+    """"sd3" or "flux": what the folder's model_index.json says it holds; a one-line ModelError if it holds neither,
+    or (with `expected`, the run's world) not that one."""
     index = Path(path) / "model_index.json"
     if not index.is_file():
         raise ModelError(f"{path} is not a diffusers pipeline folder: model_index.json is missing")
     cls = json.loads(index.read_text()).get("_class_name")
     family = {v: k for k, v in PIPELINES.items()}.get(cls)
-    if family is None:
-        raise ModelError(f"{path} holds a {cls}; expected a {' or '.join(PIPELINES.values())} folder")
+    if family is None or expected and family != expected:
+        wanted = f"world {expected} expects a {PIPELINES[expected]}" if expected else \
+            f"expected a {' or '.join(PIPELINES.values())}"
+        raise ModelError(f"{path} holds a {cls}; {wanted} folder")
     return family
 
 
@@ -188,9 +191,7 @@ def load_dit(path: str | Path, family: str | None = None, t5: bool = False) -> D
     """An SD3 / SD3.5 folder (transformer/, vae/, the two CLIP encoders, and with `t5` its T5 encoder) or a FLUX.1
     folder (transformer/, vae/, CLIP-L and T5), offline. `family`: the one the run expects (a mismatch is a one-line
     error). Without `t5` an SD3 folder's T5 is not loaded: the pipeline's text_encoder_3=None path (docs/flow.md)."""
-    path, found = Path(path), dit_family(path)
-    if family and found != family:
-        raise ModelError(f"{path} holds a {PIPELINES[found]}; world {family} expects a {PIPELINES[family]} folder")
+    path, found = Path(path), dit_family(path, family)
     (second, second_tok), first = _SECOND[found], _FIRST[found]
     enc = [_load(first, path, "text_encoder").eval(), _load(second, path, "text_encoder_2").eval()]
     toks = [_load(CLIPTokenizer, path, "tokenizer"), _load(second_tok, path, "tokenizer_2")]
