@@ -31,6 +31,7 @@ from hsd.models.conditioning import LatentEncoder, PipelineText, TextConditioner
 from hsd.models.discriminator import build_discriminator
 from hsd.models.dit import DIT_ARCHS, build_dit, image_tokens
 from hsd.models.lora import attach_lora
+from hsd.pipelines.recipes import PRESETS
 
 
 class StepTimer(L.Callback):
@@ -93,9 +94,10 @@ def adversarial(comps, args) -> float:
 
 
 FLOW = ("sd3", "flux")
-# the release's recipe each family is timed at: (steps, guidance): Hyper-SD3 4-step at CFG 3 (two forwards a step),
-# Hyper-FLUX 8-step at embedded guidance 3.5 (one forward), SD1.5/SDXL one DDIM-trailing step without CFG
-RECIPES = {"sd3": (4, 3.0), "flux": (8, 3.5)}
+# the release's preset each family is timed at, as (steps, guidance): Hyper-SD3 4-step at CFG 3 (two forwards a step),
+# Hyper-FLUX 8-step at embedded guidance 3.5 (one forward); SD1.5/SDXL one DDIM-trailing step without CFG
+RECIPES = {family: (PRESETS[name]["steps"][0], PRESETS[name]["guidance"])
+           for family, name in {"sd3": "hyper-sd3-4", "flux": "hyper-flux-8"}.items()}
 
 
 def generation_steps(comps) -> int:

@@ -46,15 +46,15 @@ def student_pipeline(components, steps: int):
     or the flow-matching Euler scheduler on the trailing sigmas (SD3; FLUX at its embedded guidance 3.5, the
     release's Hyper-FLUX recipe)."""
     from ..models.dit import DiTComponents, dit_pipeline
+    from ..pipelines.recipes import DEFAULT_GUIDANCE, recipe_scheduler
+    guidance = DEFAULT_GUIDANCE.get(components.family, 0.0)  # hsd generate's default for the family
     if isinstance(components, DiTComponents):
         from ..diffusion.schedule import trailing_sigmas
-        guidance = 3.5 if components.family == "flux" else 0.0
         return dit_pipeline(components), {"sigmas": trailing_sigmas(steps), "guidance_scale": guidance}
     from ..models.components import pipeline
-    from ..pipelines.recipes import recipe_scheduler
     pipe = pipeline(components)
     pipe.scheduler = recipe_scheduler("ddim", pipe.scheduler.config)
-    return pipe, {"guidance_scale": 0.0}
+    return pipe, {"guidance_scale": guidance}
 
 
 
