@@ -9,7 +9,12 @@ import logging
 import statistics
 from pathlib import Path
 
-from .config import config_yaml, load_config
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .config import load_config
+from .config.schema import Run
 from .errors import MissingFileError
 from .io import atomic_path
 from .lab.evaluate import COLUMNS, REFERENCE_MODELS, TRAILING
@@ -149,11 +154,32 @@ def against_teacher(results: dict[str, list[dict[Key, dict[str, float]]]], alpha
     return "\n".join(lines) + "\n"
 
 
+# Keys that change how a run reports, never what it computes: a finished run is reused whatever they were.
+PRESENTATION = ("trainer.progress_bar", "trainer.logger")
+
+
+def same_settings(saved_yaml: str, cfg) -> bool:
+    """Whether a run folder's config.yaml describes the run `cfg` would train. The saved file is read onto today's
+    schema, so a key added after the run began takes its default (the project's rule: a new key's default is the old
+    behaviour) and a committed sweep stays reusable; a key the schema no longer has, or any other value, differs."""
+    try:
+        saved = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(Run), OmegaConf.create(saved_yaml)))
+    except (OmegaConfBaseException, yaml.YAMLError):  # a torn or foreign config.yaml: not this run, train again
+        return False
+    now = OmegaConf.to_container(OmegaConf.structured(cfg))
+    for key in PRESENTATION:
+        section, leaf = key.split(".")
+        saved[section].pop(leaf, None)
+        now[section].pop(leaf, None)
+    return saved == now
+
+
 def finished(folder: Path, cfg) -> bool:
-    """A run folder whose table is written under exactly this config (its config.yaml, saved when the run began):
-    reused as it is, without loading a model, so a sweep spans sessions by keeping (or committing) these two files."""
+    """A run folder whose table is written under this config (its config.yaml, saved when the run began; see
+    same_settings): reused as it is, without loading a model, so a sweep spans sessions by keeping (or committing)
+    these two files."""
     saved = folder / "config.yaml"
-    done = (folder / "table.csv").exists() and saved.exists() and saved.read_text() == config_yaml(cfg)
+    done = (folder / "table.csv").exists() and saved.exists() and same_settings(saved.read_text(), cfg)
     if done:
         log.info("reusing the finished run %s", folder)
     return done

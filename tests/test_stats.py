@@ -178,3 +178,20 @@ def test_ablate_reuses_a_finished_seed_only_under_the_same_config(tmp_path, monk
     assert ab.ablate([str(config)], [0], tiny, out) == first and calls == []
     ab.ablate([str(config)], [0], [*tiny, "lora.rank=2"], out)
     assert calls == ["tscd_seed0"]
+
+
+def test_a_saved_config_is_read_onto_todays_schema():
+    """A run saved before a key existed (here model.t5) is the same run under that key's default, and so is one
+    saved with another progress bar or logger; a changed value, or a key the schema no longer has, is not."""
+    from hsd.ablate import same_settings
+    from hsd.config import config_yaml, load_config
+    config = Path(__file__).resolve().parents[1] / "experiments/lab/tscd.yaml"
+    cfg = load_config([str(config)], ["trainer.progress_bar=false"])
+    saved = config_yaml(cfg)
+    assert "  t5: false\n" in saved and "  progress_bar: false\n" in saved
+    assert same_settings(saved, cfg)
+    assert same_settings(saved.replace("  t5: false\n", ""), cfg)
+    assert same_settings(saved.replace("progress_bar: false", "progress_bar: true"), cfg)
+    assert not same_settings(saved.replace("  t5: false\n", "  t5: true\n"), cfg)
+    assert not same_settings(saved.replace("  t5: false\n", "  t5: false\n  retired_key: 1\n"), cfg)
+    assert not same_settings(config_yaml(load_config([str(config)], ["seed=3"])), cfg)
