@@ -43,8 +43,8 @@ class ModelSpec:
 
     def __post_init__(self):
         if self.guidance is None:  # resolved here, so the key and the table hold the value the images used
-            from hsd.pipelines.recipes import DEFAULT_GUIDANCE, model_family
-            object.__setattr__(self, "guidance", DEFAULT_GUIDANCE.get(model_family(Path(self.model)), 0.0))
+            from hsd.pipelines.recipes import default_guidance, model_family
+            object.__setattr__(self, "guidance", default_guidance(model_family(Path(self.model))))
 
     @property
     def type(self) -> str:

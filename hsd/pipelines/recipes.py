@@ -24,6 +24,11 @@ DEFAULT_GUIDANCE = {"flux": 3.5}
 NAMES = {"sd": "SD1.5 / SDXL", "sd3": "SD3", "flux": "FLUX.1"}  # model_family's answers
 
 
+def default_guidance(family: str) -> float:
+    """The guidance a family samples at when nothing names one (hsd generate, hsd eval, the training samples)."""
+    return DEFAULT_GUIDANCE.get(family, 0.0)
+
+
 def apply_preset(args, family: str) -> None:
     """Fill what the command line left open from --preset (steps, guidance, LoRA weights), else the defaults;
     `family`: the model's (sd15, sdxl, sd3, flux), which the preset must be for."""
@@ -36,7 +41,7 @@ def apply_preset(args, family: str) -> None:
     if not args.steps:
         raise GenerateError(f"give --steps N [N ...] or a --preset ({', '.join(PRESETS)})")
     if args.guidance is None:
-        args.guidance = preset.get("guidance", DEFAULT_GUIDANCE.get(family, 0.0))
+        args.guidance = preset.get("guidance", default_guidance(family))
     args.lora = [(path, preset_weight(path, preset) if w is None else w) for path, w in args.lora]
 
 

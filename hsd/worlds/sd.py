@@ -46,8 +46,8 @@ def student_pipeline(components, steps: int):
     or the flow-matching Euler scheduler on the trailing sigmas (SD3; FLUX at its embedded guidance 3.5, the
     release's Hyper-FLUX recipe)."""
     from ..models.dit import DiTComponents, dit_pipeline
-    from ..pipelines.recipes import DEFAULT_GUIDANCE, recipe_scheduler
-    guidance = DEFAULT_GUIDANCE.get(components.family, 0.0)  # hsd generate's default for the family
+    from ..pipelines.recipes import default_guidance, recipe_scheduler
+    guidance = default_guidance(components.family)
     if isinstance(components, DiTComponents):
         from ..diffusion.schedule import trailing_sigmas
         return dit_pipeline(components), {"sigmas": trailing_sigmas(steps), "guidance_scale": guidance}
