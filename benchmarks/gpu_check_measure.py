@@ -140,6 +140,36 @@ def tscd(res: Result, p: dict, dev: str, work: Path) -> None:
             note=f"{p['resolution']} px, {sampler}, medians of {args.steps} after 2 warm-up")
 
 
+def tscd_quantized(res: Result, p: dict, dev: str, work: Path) -> None:
+    """The one-GPU FLUX setting of issue 23: sd_train_memory's TSCD step on a base quantized per mode (torchao),
+    with the conditioning encoded once and the text encoders and VAE off the device (as data.cache), micro-batch
+    `micro`, gradient checkpointing on; step time and peak memory per mode."""
+    import sd_train_memory as sdm
+    import torch
+    for mode in p["quantize"]:
+        label = f"{mode} base, cached conditioning, micro-batch {p['micro']}, checkpointing on"
+        if res.left() < 20:
+            res.add(label, skipped=f"skipped: {res.left():.0f} s left")
+            continue
+        comps = None
+        try:
+            args = sdm.parser().parse_args(["--arch", p["arch"], "--resolution", str(p["resolution"]), "--device", dev,
+                                            "--steps", str(p["steps"]), "--warmup", str(p["warmup"]),
+                                            "--precision", "bf16-mixed", "--frozen-dtype", "bfloat16",
+                                            "--quantize", mode, "--cached"])
+            with torch.device(dev):
+                comps = sdm.prepare(args)
+            comps.scheduler = cpu_scheduler(comps.scheduler)
+            sec, peak = sdm.measure(comps, args, p["micro"], True)
+            res.add(label, values={"quantize": mode, "micro_batch": p["micro"], "s_per_step": sec,
+                                   "images_per_s": p["micro"] / sec, "peak_gib": peak})
+        except Exception as e:  # an OOM or a kernel the GPU lacks: recorded, the next mode runs
+            traceback.print_exc()
+            res.add(label, error=one_line(e))
+        del comps
+        free(dev)
+
+
 def dmd(res: Result, p: dict, dev: str, work: Path) -> None:
     """The one-step UNet's DMD stage as `hsd train experiments/sdxl/onestep_unet.yaml` builds it (hsd.train's stage
     plan, make_trainer and its strategy), on random components, timed per batch; checkpoints off (a full
@@ -273,7 +303,7 @@ def evaluate(res: Result, p: dict, dev: str, work: Path) -> None:
         note="decode once, one crop, batched scorers, records appended; the first batch's warm-up included")
 
 
-MEASUREMENTS = {"env": env, "tscd_sd15": tscd, "tscd_sdxl": tscd, "tscd_sd3": tscd, "tscd_flux": tscd, "dmd_sdxl": dmd,
+MEASUREMENTS = {"env": env, "tscd_sd15": tscd, "tscd_sdxl": tscd, "tscd_sd3": tscd, "tscd_flux": tscd, "tscd_flux_quantized": tscd_quantized, "dmd_sdxl": dmd,
                 "scorers": scorers, "feedback_sd15": feedback, "eval": evaluate}
 
 

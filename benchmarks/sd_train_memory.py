@@ -28,6 +28,7 @@ from hsd.diffusion.schedule import NoiseSchedule
 from hsd.lit.tscd import TSCDModule
 from hsd.models.components import build_components
 from hsd.models.conditioning import LatentEncoder, PipelineText, TextConditioner
+from hsd.models.quantize import quantize_frozen
 from hsd.models.discriminator import build_discriminator
 from hsd.models.dit import DIT_ARCHS, build_dit, image_tokens
 from hsd.models.lora import attach_lora
@@ -64,12 +65,26 @@ def measure(comps, args, micro: int, checkpointing: bool) -> tuple[float, float 
                                                                               comps.tokenizers)
     enc = LatentEncoder(comps.vae, text, args.resolution)
     schedule = NoiseSchedule.from_scheduler(comps.scheduler, image_tokens(comps.vae, args.resolution))
-    module = TSCDModule(unet, schedule, cfg.tscd.stages[0], cfg.tscd, encoder=enc, disc=disc)
 
     def batch(i: int) -> dict:
         g = torch.Generator().manual_seed(i)
         return {"pixels": torch.rand(micro, 3, args.resolution, args.resolution, generator=g) * 2 - 1,
                 "captions": ["a photograph of an astronaut riding a horse"] * micro}
+
+    if getattr(args, "cached", False):  # as a data.cache run: the batch arrives encoded, no encoder on the device
+        device = next(unet.parameters()).device
+        enc.to(device)
+        encoded = {k: v for k, v in enc(batch(0), torch.Generator().manual_seed(0)).items()
+                   if k in ("x0", "cond", "uncond")}
+        encoded = torch.utils._pytree.tree_map(lambda t: t.cpu() if torch.is_tensor(t) else t, encoded)
+        enc.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        enc = None
+
+        def batch(i: int) -> dict:  # noqa: F811 (the cached run's batch)
+            return dict(encoded)
+    module = TSCDModule(unet, schedule, cfg.tscd.stages[0], cfg.tscd, encoder=enc, disc=disc)
 
     return timed_fit(module, args, batch)
 
@@ -145,6 +160,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--w-adv", type=float, default=1.0)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "fp8", "nf4"],
+                   help="the frozen denoiser's Linear weights (model.quantize, torchao)")
+    p.add_argument("--cached", action="store_true",
+                   help="conditioning and latents encoded once, text encoders and VAE moved off the device "
+                        "(data.cache)")
     return p
 
 
@@ -155,6 +175,7 @@ def prepare(args):
     comps.unet.to(frozen)
     for e in comps.text_encoders:
         e.to(frozen)
+    quantize_frozen(comps.unet, getattr(args, "quantize", "none"))  # before the LoRA, as hsd.train does
     torch.manual_seed(0)
     attach_lora(comps.unet, 64, 64, flux_targets() if comps.family == "flux" else None)
     for prm in comps.unet.parameters():
@@ -174,7 +195,8 @@ def main() -> None:
     args = parser().parse_args()
     comps = prepare(args)
     print(f"{args.arch} at {args.resolution}px, {args.precision}, frozen weights {args.frozen_dtype}, "
-          f"LoRA rank 64, discriminator {'on' if adversarial(comps, args) else 'off'}, device {args.device}")
+          f"LoRA rank 64, discriminator {'on' if adversarial(comps, args) else 'off'}, device {args.device}, base "
+          f"quantize {args.quantize}, {'cached conditioning' if args.cached else 'encoders on the device'}")
     print("| micro-batch | grad. checkpointing | s/step | images/s | peak GiB |\n|---|---|---|---|---|")
     for micro in args.micro_batches:
         for ckpt in (False, True):

@@ -60,7 +60,8 @@ def _mean_std(v: list[float]) -> tuple[float, float]:
 
 
 def summary(results: dict[str, list[dict[Key, dict[str, float]]]], seeds: list[int]) -> str:
-    """Mean ± sample std per row; the reference rows once (from the first arm), then each arm's own rows."""
+    """Mean ± sample std per row; the reference rows once (from the first arm), then each arm's own rows, with its
+    teacher rows where they differ from the first arm's (a teacher the arm changes: model.quantize)."""
     cols = [c for c, _, _ in COLUMNS]
     lines = [f"Mean ± sample std over seeds {seeds} (each seed its own evaluation set)", "",
              "| Config | Model | Steps | Sampler | " + " | ".join(HEADS[c] for c in cols) + " |",
@@ -68,13 +69,15 @@ def summary(results: dict[str, list[dict[Key, dict[str, float]]]], seeds: list[i
     first = next(iter(results))
     for name, per_seed in results.items():
         for key in per_seed[0]:
-            if is_reference(key) and name != first:
+            own = name != first and is_reference(key) and [r.get(key) for r in per_seed] != [
+                r.get(key) for r in results[first]]
+            if is_reference(key) and name != first and not own:
                 continue
             cells = []
             for c in cols:
                 v = [r[key][c] for r in per_seed if c in r.get(key, {})]
                 cells.append("{:.4f} ± {:.4f}".format(*_mean_std(v)) if v else "")
-            label = "reference" if is_reference(key) else name
+            label = "reference" if is_reference(key) and not own else name
             lines.append(f"| {label} | {key[0]} | {key[1] or '—'} | {key[2]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -154,8 +157,9 @@ def against_teacher(results: dict[str, list[dict[Key, dict[str, float]]]], alpha
     return "\n".join(lines) + "\n"
 
 
-# Keys that change how a run reports, never what it computes: a finished run is reused whatever they were.
-PRESENTATION = ("trainer.progress_bar", "trainer.logger")
+# Keys that change how a run reports or where it is kept, never what it computes: a finished run is reused whatever
+# they were (so a committed run folder copied into another sweep's --out is reused there).
+PRESENTATION = ("name", "out_dir", "trainer.progress_bar", "trainer.logger")
 
 
 def same_settings(saved_yaml: str, cfg) -> bool:
@@ -168,9 +172,9 @@ def same_settings(saved_yaml: str, cfg) -> bool:
         return False
     now = OmegaConf.to_container(OmegaConf.structured(cfg))
     for key in PRESENTATION:
-        section, leaf = key.split(".")
-        saved[section].pop(leaf, None)
-        now[section].pop(leaf, None)
+        *section, leaf = key.split(".")
+        for tree in (saved, now):
+            (tree[section[0]] if section else tree).pop(leaf, None)
     return saved == now
 
 

@@ -1,6 +1,6 @@
 """`hsd`: the one entry point.
 
-train | memory | generate | eval | lora | lab | lab-teacher | lab-worlds | ablate | random-model | random-scorers.
+train | cache | memory | generate | eval | lora | lab | lab-teacher | lab-worlds | ablate | random-model | random-scorers.
 
 A user error (hsd.errors.HsdError: a bad config key or value, a missing or foreign file) prints one line,
 `hsd: error: <message>`, and exits with status 2; `hsd --debug ...` or HSD_DEBUG=1 shows its traceback.
@@ -27,6 +27,19 @@ def cmd_train(args) -> None:
     cfg = load_config(paths, overrides)  # before the trainer: a config error costs no training
     from .train import run
     print(run(cfg))
+
+
+def cmd_cache(args) -> None:
+    from .config import load_config
+    from .data.cache import write_cache
+    from .errors import ConfigError
+    paths = [a for a in args.items if "=" not in a]
+    if not paths:
+        raise ConfigError("hsd cache needs a config file, e.g. hsd cache experiments/flux/tscd.yaml --out DIR")
+    cfg = load_config(paths, [a for a in args.items if "=" in a])
+    out = write_cache(cfg, args.out, None if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
+    print(f"cached the data of {' '.join(paths)} in {out}: train with data.cache={out} (and data.shards and "
+          f"data.folder unset)")
 
 
 def cmd_memory(args) -> None:
@@ -104,6 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     t = sub.add_parser("train", help="train from YAML configs and key=value overrides")
     t.add_argument("items", nargs="+", metavar="CONFIG|key=value")
     t.set_defaults(fn=cmd_train)
+    ca = sub.add_parser("cache", help="encode a run's data once (VAE latents, text conditioning) into webdataset "
+                                      "shards with a manifest: data.cache=DIR then trains without the encoders")
+    ca.add_argument("items", nargs="+", metavar="CONFIG|key=value")
+    ca.add_argument("--out", required=True, metavar="DIR", help="the cache folder (written atomically)")
+    ca.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    ca.set_defaults(fn=cmd_cache)
     mem = sub.add_parser("memory", help="per-rank GPU memory of each stage of a config (no weights needed: the "
                                         "architecture on the meta device, activations traced with fake tensors)")
     mem.add_argument("items", nargs="+", metavar="CONFIG|key=value")

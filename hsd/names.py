@@ -10,3 +10,4 @@ WORLDS = {"lab": "lab", "sd15": "sd", "sdxl": "sd", "sd3": "sd", "flux": "sd"}
 DIT_WORLDS = ("sd3", "flux")  # flow-matching transformers from local folders (hsd.models.dit): SD3 / SD3.5, FLUX.1
 LAB_WORLDS = {"digits": "vp", "blocks": "vp", "digits-flow": "flow"}
 DEFAULT_LAB_WORLD = "digits"
+QUANTIZE_MODES = ("none", "int8", "fp8", "nf4")  # model.quantize: the frozen base, weight-only (hsd.models.quantize)

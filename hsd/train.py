@@ -9,6 +9,7 @@ last checkpoint) inside a scope that leaves the UNet's adapters as it found them
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -28,6 +29,7 @@ from .lit.trainer import last_checkpoint, make_trainer
 from .lit.tscd import TSCDModule
 from .models.adapters import FAKE, FEEDBACK, PREVIOUS, TSCD, Adapters
 from .models.discriminator import build_discriminator
+from .models.quantize import quantize_frozen
 from .worlds import Artefacts, build_world
 
 if TYPE_CHECKING:
@@ -67,6 +69,9 @@ def run(cfg: Run) -> str:
     if is_main_process():  # the writes a killed run left unfinished, before this one writes anything
         remove_stale_temps(out)
     world = build_world(cfg)
+    held = quantize_frozen(world.unet, cfg.model.quantize)  # before the LoRA: peft picks its layer by the weight
+    if held.layers and is_main_process():
+        print(held.line(), file=sys.stderr, flush=True)
     adapters = Adapters(world.unet)
     L.seed_everything(cfg.seed, verbose=False)  # the LoRA's A matrices are drawn at random
     adapters.attach(TSCD, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, init=cfg.model.lora_init)

@@ -20,13 +20,16 @@ if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; elif [ -x .venv/bin/python ]; then PY=
 
 # What a machine with torch 2.11, lightning 2.6, transformers 5 and peft lacks of hsd's install_requires and their
 # dependencies, as wheel==version:import name (resolved with pip against PyPI for Python 3.12 manylinux x86_64; 29 MB).
+# torchao (model.quantize): 0.16.0, whose Python kernels run on any torch 2.x (its C++ extension is skipped on a torch
+# it was not built for); hsd's own environment pins 0.18.0 for torch 2.14. Not yet run on a GPU (none lent).
 # torchvision 0.26 pairs with torch 2.11: for another torch 2.N, download torchvision 0.(N+15) instead. tensorboard,
 # matplotlib and scikit-learn are left out: the check uses none of them (a csv logger, no lab world).
 PACKAGES="diffusers==0.42.1:diffusers omegaconf==2.4.0:omegaconf open_clip_torch==3.3.0:open_clip timm==1.0.31:timm
 ftfy==6.3.1:ftfy wcwidth==0.9.4:wcwidth webdataset==1.0.2:webdataset braceexpand==0.1.7:braceexpand
 torchmetrics==1.9.0:torchmetrics requests==2.34.2:requests urllib3==2.8.0:urllib3 idna==3.20:idna
 certifi==2026.10.19.post1:certifi charset-normalizer==3.5.3:charset_normalizer importlib_metadata==10.2.0:importlib_metadata
-zipp==4.1.2:zipp lazy-importer==0.1.0:lazy_importer pillow==13.0.0:PIL torchvision==0.26.0:torchvision"
+zipp==4.1.2:zipp lazy-importer==0.1.0:lazy_importer pillow==13.0.0:PIL torchvision==0.26.0:torchvision
+torchao==0.16.0:torchao"
 BUILD=setuptools==80.10.2   # hsd's build backend, for `pip install -e .` without an index
 
 if [ "${1:-}" = --download-wheels ]; then   # the one download, for Python $HSD_WHEELS_PYTHON (default 3.12)

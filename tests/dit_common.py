@@ -61,9 +61,11 @@ def check_ddp_equals_fsdp(config: str, model: Path, images: Path, tmp_path: Path
     assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # it trained: B left zero
 
 
-def train_whole_plan(config: str, model: Path, images: Path, tmp_path: Path) -> list[Path]:
+def train_whole_plan(config: str, model: Path, images: Path, tmp_path: Path, *overrides: str,
+                     stderr: list | None = None) -> list[Path]:
     """TSCD 8 -> 4 -> 2 -> 1, the feedback LoRA (a random tiny Aes scorer) and DMD through `hsd train`; the six LoRA
-    files, each in the diffusers transformer layout (no kohya files: those are UNet files), the last stage trained."""
+    files, each in the diffusers transformer layout (no kohya files: those are UNet files), the last stage trained.
+    `stderr` collects the run's."""
     from safetensors import safe_open
 
     from hsd.scorers.random_weights import write_random_scorers
@@ -71,8 +73,10 @@ def train_whole_plan(config: str, model: Path, images: Path, tmp_path: Path) -> 
     r = hsd("train", str(ROOT / config), f"model.path={model}", f"data.folder={images}", f"out_dir={tmp_path}",
             "name=run", "feedback.iterations=2", "feedback.batch_size=2", "feedback.steps=2",
             f"feedback.scorers={tmp_path / 'scorers'}", "feedback.rewards={Aes: {margin: 100.0, weight: 1.0}}",
-            cwd=tmp_path)
+            *overrides, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    if stderr is not None:
+        stderr.append(r.stderr)
     out = tmp_path / "run"
     files = [out / f"lora_stage{i}_k{k}.safetensors" for i, k in enumerate((8, 4, 2, 1))]
     files += [out / "lora_feedback.safetensors", out / "lora_unified.safetensors"]

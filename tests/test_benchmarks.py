@@ -20,6 +20,13 @@ def test_tscd_step_benchmark_prints_ratios():
     assert len(ratios) == 3 and float(ratios[0]) == 1.0
 
 
+def test_quantize_benchmark_times_the_three_bases_side_by_side():
+    out = _run("quantize_step.py", "--width", "128", "--tokens", "64", "--repeats", "1", "--warmup", "0")
+    rows = re.findall(r"\| (none|int8|nf4) \| (\d+\.\d) \| \d+\.\d \| ratio to baseline (\d+\.\d+) \|", out)
+    assert [r[0] for r in rows] == ["none", "int8", "nf4"] and float(rows[0][2]) == 1.0
+    assert float(rows[0][1]) > float(rows[1][1]) > float(rows[2][1])  # the frozen Linear bytes shrink
+
+
 def test_sd_memory_benchmark_runs_checkpointing_with_discriminator_in_bf16():
     """Gradient checkpointing + the discriminator's LoRA-off pass + bf16 autocast, through Lightning."""
     out = _run("sd_train_memory.py", "--micro-batches", "1", "--steps", "1", "--warmup", "1")

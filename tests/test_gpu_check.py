@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STATUSES = {"ok", "partial", "failed", "timeout", "skipped"}
-PLAN = ["env", "tscd_sd15", "tscd_sdxl", "tscd_sd3", "tscd_flux", "dmd_sdxl", "scorers", "feedback_sd15", "eval"]
+PLAN = ["env", "tscd_sd15", "tscd_sdxl", "tscd_sd3", "tscd_flux", "tscd_flux_quantized", "dmd_sdxl", "scorers", "feedback_sd15", "eval"]
 
 
 def _env(out: Path) -> dict:
@@ -68,6 +68,8 @@ def test_dry_run_measures_everything_through_the_script(tmp_path):
     assert all(v["s_per_step"] > 0 and v["peak_gib"] is None for v in tscd if "micro_batch" in v)
     assert all(_values(report, n)[-1]["ratio"] > 0  # generation
                for n in ("tscd_sd15", "tscd_sdxl", "tscd_sd3", "tscd_flux"))
+    quantized = _values(report, "tscd_flux_quantized")
+    assert [v["quantize"] for v in quantized] == ["int8", "nf4"] and all(v["s_per_step"] > 0 for v in quantized)
     dmd = next(m for m in report["measurements"] if m["name"] == "dmd_sdxl")
     assert dmd["rows"][0]["values"]["s_per_step"] > 0 and dmd["info"]["checkpoint_files"] == 0  # no 60 GB files
     assert _values(report, "feedback_sd15")[0]["s_per_step"] > 0

@@ -12,7 +12,7 @@ from hsd.data.batch import EpochLoader, IndexedBatches
 from hsd.diffusion.schedule import NoiseSchedule
 from hsd.lit.dmd import DMDModule
 from hsd.lit.tscd import TSCDModule
-from hsd.memory import GIB, TOTAL, Footprint, per_rank, state
+from hsd.memory import GIB, TOTAL, Footprint, per_rank, settle, state
 from hsd.memory.stage import footprints, load_run
 from hsd.memory.trace import LiveBytes
 from hsd.models.adapters import FAKE, TSCD, Adapters
@@ -164,6 +164,39 @@ def test_flux_dev_tscd_lora_shards_its_double_and_single_blocks():
     assert f.parts["transformer"] == 2 * n and abs(f.parts["text encoders"] / GIB - 9.34) < 0.01
     fsdp, one = per_rank(f, "fsdp", 8), per_rank(f, "auto", 1)
     assert fsdp["frozen weights"] < 16 * GIB and one["frozen weights"] > 31 * GIB
+
+
+def test_flux_dev_on_one_gpu_quantized_and_cached():
+    """settle: model.quantize replaces the transformer's Linear weights by torchao's bytes (int8 about half of bf16,
+    NF4 about a quarter) plus one dequantized layer; data.cache drops T5-XXL, CLIP-L and the VAE of a TSCD stage."""
+    from hsd.models.quantize import quantized_bytes
+    cfg = load_run([str(ROOT / "experiments/flux/tscd.yaml")], [])
+    [f, *_] = footprints(cfg, activations=False)
+    assert settle(f) == f
+    linear = f.linear
+    assert 0.95 * f.frozen_sharded < linear < f.frozen_sharded  # nearly all of FLUX's transformer is Linear
+    rows = {q: per_rank(settle(f, q), "auto", 1)["frozen weights"] for q in ("none", "int8", "nf4")}
+    assert rows["none"] - rows["int8"] == pytest.approx(linear - f.quantized["int8"] - f.largest_linear)
+    assert 0.49 < f.quantized["int8"] / linear < 0.51 and 0.25 < f.quantized["nf4"] / linear < 0.27
+    assert f.quantized["nf4"] > 0 and quantized_bytes((3072, 3072), 2, "nf4") < 3072 * 3072 * 2 / 3.8
+    cached = settle(f, "nf4", cached=True)
+    assert set(f.uncached) == {"text encoders", "VAE"} and "text encoders" not in cached.parts
+    assert f.frozen - settle(f, cached=True).frozen == pytest.approx(f.parts["text encoders"] + f.parts["VAE"])
+    assert per_rank(cached, "auto", 1)["frozen weights"] < 8 * GIB < 31 * GIB < rows["none"]
+
+
+@pytest.mark.slow
+def test_hsd_memory_proposes_a_24_gib_setting_for_flux_dev():
+    """The acceptance line of issue 23: FLUX.1-dev's TSCD LoRA does not fit one 24 GiB GPU as configured; hsd memory
+    proposes the cheapest setting that does (a quantized base and the cache), and on 80 GiB none is needed."""
+    r = subprocess.run([sys.executable, "-m", "hsd.cli", "memory", str(ROOT / "experiments/flux/tscd.yaml"), "--gpus",
+                        "1", "--gpu-memory", "24", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    line = r.stdout.split("Cheapest one-GPU setting that fits 24 GiB")[1].splitlines()[1]
+    assert "model.quantize=int8" in line and "data.cache=DIR" in line and "tscd.batch_size=1" in line
+    r = subprocess.run([sys.executable, "-m", "hsd.cli", "memory", str(ROOT / "experiments/flux/tscd.yaml"), "--gpus",
+                        "1", "--gpu-memory", "80", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 0 and "Cheapest" not in r.stdout and "fits 80 GiB" in r.stdout
 
 
 def test_per_rank_arithmetic():

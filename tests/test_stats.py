@@ -111,6 +111,16 @@ def test_summary_reports_the_reference_rows_once_with_their_spread(tmp_path):
     assert 0.0005 < sd < 0.01  # the evaluation draw's spread over seeds, not 0
 
 
+def test_an_arm_that_changes_the_teacher_shows_its_own_teacher_rows(tmp_path):
+    """A reference row that differs from the first arm's (the teacher of a model.quantize arm) is the arm's own."""
+    a, b = _tables(tmp_path, "a", {}), _tables(tmp_path, "b", {})
+    key = ("Data (exact samples)", 0, "exact")
+    for r in b:
+        r[key] = {k: v + 0.5 for k, v in r[key].items()}  # as a quantized teacher's rows differ
+    rows = [ln for ln in summary({"a": a, "b": b}, list(range(5))).splitlines() if "Data (exact samples)" in ln]
+    assert [ln.split("|")[1].strip() for ln in rows] == ["reference", "b"]
+
+
 def test_each_lora_is_compared_as_the_paper_uses_it(tmp_path):
     """The stage-k LoRA at k steps against a one-stage arm's final LoRA at k steps."""
     def table(path, rows):
@@ -182,7 +192,8 @@ def test_ablate_reuses_a_finished_seed_only_under_the_same_config(tmp_path, monk
 
 def test_a_saved_config_is_read_onto_todays_schema():
     """A run saved before a key existed (here model.t5) is the same run under that key's default, and so is one
-    saved with another progress bar or logger; a changed value, or a key the schema no longer has, is not."""
+    saved with another progress bar or logger, or in another folder (a committed run copied into another sweep); a
+    changed value, or a key the schema no longer has, is not."""
     from hsd.ablate import same_settings
     from hsd.config import config_yaml, load_config
     config = Path(__file__).resolve().parents[1] / "experiments/lab/tscd.yaml"
@@ -192,6 +203,9 @@ def test_a_saved_config_is_read_onto_todays_schema():
     assert same_settings(saved, cfg)
     assert same_settings(saved.replace("  t5: false\n", ""), cfg)
     assert same_settings(saved.replace("progress_bar: false", "progress_bar: true"), cfg)
+    assert same_settings(config_yaml(load_config([str(config)], ["out_dir=elsewhere", "name=copied"])), cfg)
+    assert same_settings(saved.replace("  quantize: none\n", ""), cfg)  # saved before model.quantize existed
+    assert not same_settings(saved.replace("  quantize: none\n", "  quantize: int8\n"), cfg)
     assert not same_settings(saved.replace("  t5: false\n", "  t5: true\n"), cfg)
     assert not same_settings(saved.replace("  t5: false\n", "  t5: false\n  retired_key: 1\n"), cfg)
     assert not same_settings(config_yaml(load_config([str(config)], ["seed=3"])), cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..models.targets import DEFAULT_TARGETS
-from ..names import DEFAULT_LAB_WORLD, LAB_WORLDS
+from ..names import DEFAULT_LAB_WORLD, LAB_WORLDS, QUANTIZE_MODES
 from .rules import ge, gt, nonempty, one_of, within
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -157,7 +157,8 @@ class Lab:
 
 @dataclass
 class Model:
-    """The weights of the SD worlds (world: sd15 | sdxl | sd3 | flux), all from local files."""
+    """The weights of the SD worlds (world: sd15 | sdxl | sd3 | flux), all from local files, and how the frozen base
+    is held (every world)."""
     path: str = ""             # diffusers folder (model_index.json) or a single-file .safetensors
     config: str = ""           # for a single file: a diffusers folder with the configs and tokenizers
     vae: str = ""              # optional replacement VAE folder (e.g. an fp16-fixed SDXL VAE)
@@ -166,6 +167,10 @@ class Model:
     # dtype of the frozen UNet/text weights (bfloat16 halves their memory)
     frozen_dtype: str = field(default="float32", metadata=one_of(*DTYPES))
     lora_init: str = ""        # start from this LoRA file (e.g. a released Hyper-SD LoRA) instead of zeros
+    # the frozen denoiser's Linear weights under the LoRA, weight-only (torchao; every world, the lab's included):
+    # none | int8 | fp8 | nf4. The teacher is that same quantized base with the adapters off (QLoRA's idea; ours,
+    # issue 23: no peer quantizes a distillation teacher). One process only; verdict and memory: docs/memory.md
+    quantize: str = field(default="none", metadata=one_of(*QUANTIZE_MODES))
     gradient_checkpointing: bool = False
     resolution: int = field(default=512, metadata=ge(1))
     # SD3: also load the folder's T5-XXL (text_encoder_3) and condition on it, as its pipeline does when the folder
@@ -177,6 +182,8 @@ class Model:
 class Data:
     shards: str = ""           # webdataset shards: paths, brace patterns, pipe: URLs
     folder: str = ""           # or a folder of images with same-stem .txt captions
+    cache: str = ""            # or a cache folder `hsd cache` wrote from those (latents + text conditioning): the run
+    #                            loads no text encoder and no VAE to train (docs/memory.md)
     # a sample without a caption: error (named before any weights load where it is among the first) | empty (trained
     # on the empty prompt, counted as data/uncaptioned). ours: silent unconditional training is never the default
     missing_captions: str = field(default="error", metadata=one_of("error", "empty"))

@@ -35,6 +35,11 @@ def validate(run: Run, inputs: bool = True) -> None:
     if run.trainer.strategy == "fsdp" and run.trainer.precision in ("16-mixed", "16"):
         raise ConfigError("trainer.precision=16-mixed with trainer.strategy=fsdp: under FSDP hsd clips gradients "
                           "itself, before fp16's loss scaler would unscale them; use bf16-mixed")
+    ranks = run.trainer.devices * run.trainer.num_nodes
+    if run.model.quantize != "none" and (run.trainer.strategy != "auto" or ranks > 1):
+        raise ConfigError(f"model.quantize={run.model.quantize} is for one process (one GPU): hsd neither shards nor "
+                          f"replicates a quantized base (trainer.strategy={run.trainer.strategy}, {ranks} rank(s)); "
+                          f"set trainer.strategy=auto trainer.devices=1, or model.quantize=none to use FSDP")
     if run.dmd.iterations and run.dmd.w_consistency and not t.stages:
         raise ConfigError("dmd.w_consistency > 0 keeps the last TSCD stage's loss, but tscd.stages is empty")
     _validate_feedback(run)

@@ -47,8 +47,9 @@ def sd_rules(run: Run, inputs: bool = True) -> None:
             raise ConfigError(f"feedback.instance_weight > 0 needs feedback.{', feedback.'.join(missing)}")
     if not run.model.path:
         raise ConfigError(f"world {run.world!r} needs model.path: a local diffusers folder or .safetensors file")
-    if bool(run.data.shards) == bool(run.data.folder):
-        raise ConfigError("set exactly one of data.shards (webdataset) and data.folder (images + .txt)")
+    if sum(map(bool, (run.data.shards, run.data.folder, run.data.cache))) != 1:
+        raise ConfigError("set exactly one of data.shards (webdataset), data.folder (images + .txt) and data.cache "
+                          "(a folder `hsd cache` wrote from one of those)")
 
 
 RULES = {"lab": lab_rules, "sd": sd_rules}

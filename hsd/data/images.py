@@ -106,12 +106,17 @@ class ImageTextBatches(IterableDataset):
             if (b - self.start) % workers == worker:  # the DataLoader reads its workers in turn
                 yield self._batch(b, window, stream)
 
-    def _batch(self, b: int, window: list[Sample], stream: _Lookahead) -> dict:
+    def _filled(self, window: list[Sample], stream: _Lookahead) -> tuple[list[Sample], int]:
+        """The window's decodable samples, topped up from the stream after it; and how many were skipped."""
         bad = [s for s in window if s.decoded is None]
         for s in bad:
             log.warning("skipping undecodable sample %s: %r", s.key, s.error)
         good = [s for s in window if s.decoded is not None]
         good += islice(_decodable(stream.following()), self.batch_size - len(good))
+        return good, len(bad)
+
+    def _batch(self, b: int, window: list[Sample], stream: _Lookahead) -> dict:
+        good, bad = self._filled(window, stream)
         pixels, original, crop = zip(*(self.prep(s.decoded[0], seeded(self.seed, "augment", s.uid))
                                        for s in good))
         uncaptioned = [s for s in good if s.decoded[1] is None]
@@ -121,7 +126,7 @@ class ImageTextBatches(IterableDataset):
                         "(data.missing_captions=empty; counted in the logs as data/uncaptioned)", uncaptioned[0].key)
         return {"pixels": torch.stack(pixels), "captions": [caption_of(s, self.source.missing_captions) for s in good],
                 "original_size": torch.tensor(original), "crop_top_left": torch.tensor(crop),
-                "index": global_index(b, self.rank, self.world), "skipped": len(bad), "uncaptioned": len(uncaptioned)}
+                "index": global_index(b, self.rank, self.world), "skipped": bad, "uncaptioned": len(uncaptioned)}
 
 
 class ImageTextData(L.LightningDataModule):
@@ -129,6 +134,7 @@ class ImageTextData(L.LightningDataModule):
     cycling the data as needed. batch["skipped"] counts the undecodable samples since the loader started
     (it restarts from 0 on resume). Rank, world size and the batches already trained on come from the attached
     trainer."""
+    batches = ImageTextBatches  # a cache's: hsd.data.cache.CachedBatches
 
     def __init__(self, shards: str = "", folder: str = "", *, resolution: int, batch_size: int, steps: int,
                  seed: int = 0, crop: str = "center", flip: bool = False, num_workers: int = 0):
@@ -144,6 +150,6 @@ class ImageTextData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Called after a checkpoint is restored: start at the first batch not yet trained on.
-        batches = ImageTextBatches(self.source, self.prep, self.batch_size, batches_done(self.trainer), self.steps,
+        batches = self.batches(self.source, self.prep, self.batch_size, batches_done(self.trainer), self.steps,
                                    self.seed, *rank_of(self.trainer))
         return EpochLoader(batches, num_workers=self.num_workers)

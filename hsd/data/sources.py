@@ -68,6 +68,7 @@ class Sample:
     epoch: int                            # the pass over the data it belongs to
     read: Callable[[], tuple[bytes, str | None]]  # -> (encoded image, caption or None when it has none)
     error: Exception | None = None
+    decode: Callable[[bytes], object] = decode_image  # the image (a cache's record: hsd.data.cache)
 
     @cached_property
     def decoded(self) -> tuple[Image.Image, str | None] | None:
@@ -75,7 +76,7 @@ class Sample:
         decoded to fill an earlier batch is not decoded again for its own."""
         try:
             data, caption = self.read()
-            return decode_image(data), caption
+            return self.decode(data), caption
         except Exception as err:  # a bad file can make PIL (or a disk, or json) raise almost anything
             self.error = err
             return None
@@ -121,8 +122,10 @@ class ShardSource:
     Each epoch shuffles the shard list with the seed and gives rank r the shards r, r + world, ... of it,
     so ranks read disjoint shards; samples keep their order inside a shard."""
 
-    def __init__(self, urls: str, missing_captions: str = "empty"):
+    def __init__(self, urls: str, missing_captions: str = "empty", pair: Callable = None, decode: Callable = None):
         self.missing_captions, self.where = missing_captions, urls
+        # what a tar member holds: an image and its caption, or (hsd.data.cache) an encoded record and its caption
+        self.pair, self.decode = pair or _tar_pair, decode or decode_image
         self.urls = wds.shardlists.expand_urls(urls)
         if not self.urls:
             raise DataError(f"no shards in {urls!r}; expected {SHARD_FORMS}")
@@ -147,7 +150,7 @@ class ShardSource:
     def first_pass(self) -> Iterator[Sample]:
         """Every sample once, shards in their given order (what `check_enough` reads from the start)."""
         for pos, s in enumerate(wds.tarfile_samples(list(wds.SimpleShardList(self.urls)), handler=_log_and_continue)):
-            yield Sample(f"{s['__url__']}:{s['__key__']}", pos, 0, partial(_tar_pair, s))
+            yield Sample(f"{s['__url__']}:{s['__key__']}", pos, 0, partial(self.pair, s), decode=self.decode)
 
     def _stream(self, seed: int, rank: int, world: int) -> Iterator[Sample]:
         pos = 0
@@ -155,7 +158,8 @@ class ShardSource:
             shards = list(wds.SimpleShardList(self.urls, seed=f"{seed}:shards:{epoch}"))[rank::world]
             first = pos
             for s in wds.tarfile_samples(shards, handler=_log_and_continue):
-                yield Sample(f"{s['__url__']}:{s['__key__']}", pos * world + rank, epoch, partial(_tar_pair, s))
+                yield Sample(f"{s['__url__']}:{s['__key__']}", pos * world + rank, epoch, partial(self.pair, s),
+                             decode=self.decode)
                 pos += 1
             if pos == first:  # cycling would spin forever
                 raise NoSamplesError(f"no samples could be read from {[s['url'] for s in shards]}")

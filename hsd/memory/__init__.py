@@ -19,7 +19,7 @@ it), so the total can be less than the sum of the rows.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 GIB = 2 ** 30
 ROWS = ("frozen weights", "trained weights", "gradients (largest alive)", "optimizer state (+ EMA)",
@@ -48,6 +48,36 @@ class Footprint:
     phases: list[str] = field(default_factory=list)  # what ran at each event (a module, backward, optimizer step)
     parts: dict[str, float] = field(default_factory=dict)  # named frozen parts, for the notes
     not_counted: list[str] = field(default_factory=list)
+    # what `settle` needs to hold the same stage another way, counted as built (model.quantize and data.cache off):
+    linear: float = 0.0            # the frozen denoiser's Linear weights (in frozen_sharded)...
+    quantized: dict[str, float] = field(default_factory=dict)  # ...and their bytes under each model.quantize mode
+    largest_linear: float = 0.0    # the largest of them, dense in the compute dtype (a quantized layer's working copy)
+    # the frozen parts (in frozen) a cached run of this stage does not load: the text encoders and the VAE, but for
+    # the VAE a reward decodes with and the text encoders the instance term conditions COCO images on
+    uncached: dict[str, float] = field(default_factory=dict)
+
+
+ENCODING = ("text encoders", "VAE encoder")  # the step's phases a cached run (data.cache) does not have
+
+
+def settle(f: Footprint, quantize: str = "none", cached: bool = False) -> Footprint:
+    """The stage held another way: the frozen denoiser's Linear weights quantized (model.quantize: torchao's bytes,
+    hsd.models.quantize.quantized_bytes, plus the working copy of one dequantized layer while it runs), and/or the
+    conditioning read from a cache (data.cache: no text encoders, no VAE unless the stage decodes, no encoding
+    moments in the step). The activations are the traced ones: quantization does not change them."""
+    out = replace(f, events=list(f.events), phases=list(f.phases), parts=dict(f.parts))
+    if quantize != "none":
+        out.frozen_sharded += f.quantized[quantize] - f.linear
+        out.frozen += f.largest_linear
+        out.parts[f"denoiser Linear weights ({quantize})"] = f.quantized[quantize]
+    if cached:
+        out.frozen -= sum(f.uncached.values())
+        for key in f.uncached:
+            out.parts.pop(key, None)
+        keep = [i for i, phase in enumerate(f.phases) if phase not in ENCODING] if f.phases else []
+        if keep:
+            out.events, out.phases = [f.events[i] for i in keep], [f.phases[i] for i in keep]
+    return out
 
 
 def effective_strategy(strategy: str, gpus: int) -> str:

@@ -228,7 +228,25 @@ def count(module, parts: Parts, spec: StageSpec, fsdp: bool, device: str) -> Foo
     f.gathered = max([gathered(module.unet, per, False)] + [gathered(m, per, True) for m in copies])
     f.parts = {k: v for k, v in named.items() if v}
     f.not_counted = _not_counted(cfg, spec)
+    _alternatives(f, module, cfg, spec, per)
     return f
+
+
+def _alternatives(f: Footprint, module, cfg: Run, spec: StageSpec, per_weight: int) -> None:
+    """What hsd.memory.settle needs: the frozen denoiser's Linear weights (dense and under each model.quantize
+    mode) and the parts a cached run of this stage does not load."""
+    from ..models.quantize import quantized_bytes
+    from ..names import QUANTIZE_MODES
+    weights = [m.weight for n, m in module.unet.named_modules() if isinstance(m, torch.nn.Linear) and "lora_" not in n]
+    f.linear = sum(nbytes(w) for w in weights)
+    f.quantized = {q: sum(quantized_bytes(tuple(w.shape), w.element_size(), q) for w in weights)
+                   for q in QUANTIZE_MODES}
+    f.largest_linear = max((w.numel() for w in weights), default=0) * per_weight
+    feedback = spec.kind == "feedback" or (spec.kind == "dmd" and cfg.dmd.w_feedback > 0)
+    needs = {"VAE"} if feedback else set()  # VaeDecoder: the rewards and the instance term decode x'_0
+    if feedback and cfg.feedback.instance_weight:
+        needs.add("text encoders")  # the instance term encodes COCO captions
+    f.uncached = {k: f.parts[k] for k in ("text encoders", "VAE") if k in f.parts and k not in needs}
 
 
 def _part(name: str, denoiser: str = "UNet") -> str:
@@ -264,17 +282,96 @@ def header(cfg: Run, paths: list[str], gpus: int) -> str:
                    "discriminator, text encoders, VAE and scorers whole on every rank"}[kind]
     return (f"hsd memory: {' '.join(paths)} (world {cfg.world}, {m.resolution} px, precision "
             f"{cfg.trainer.precision}, frozen weights {m.frozen_dtype}, VAE {m.vae_dtype}, gradient checkpointing "
-            f"{'on' if m.gradient_checkpointing else 'off'}, LoRA rank {cfg.lora.rank})\n"
+            f"{'on' if m.gradient_checkpointing else 'off'}, LoRA rank {cfg.lora.rank}, model.quantize "
+            f"{m.quantize}, data.cache {'set: no text encoders or VAE to train' if cfg.data.cache else 'off'})\n"
             f"Strategy assumed: {kind} (trainer.strategy={cfg.trainer.strategy}, {gpus} rank{'s' if gpus > 1 else ''})"
             f": {how}. GiB per rank.")
 
 
 def memory_report(cfg: Run, paths: list[str], gpus: int, gpu_gib: float, sizes: list[int] | None = None,
                   activations: bool = True, log=None) -> str:
-    """What `hsd memory` prints: the header, one table per micro-batch size, the notes."""
-    from . import notes, table
+    """What `hsd memory` prints: the header, one table per micro-batch size, the notes, and where the peak does not
+    fit one GPU, the cheapest one-GPU setting that does (`propose`)."""
+    from . import TOTAL, fits, notes, per_rank, settle, table
     runs = sweep(cfg, list(sizes or [None]), activations=activations, log=log)
-    blocks = [header(cfg, paths, gpus)] + [table(fps, cfg.trainer.strategy, gpus, gpu_gib) for fps in runs.values()]
-    last = list(runs.values())[-1]
+    held = {k: [settle(f, cfg.model.quantize, bool(cfg.data.cache)) for f in fps] for k, fps in runs.items()}
+    blocks = [header(cfg, paths, gpus)] + [table(fps, cfg.trainer.strategy, gpus, gpu_gib) for fps in held.values()]
+    last = list(held.values())[-1]
     extra = "" if activations else "\nActivations were not traced (--no-activations): the totals hold no activations."
+    peak = max(per_rank(f, cfg.trainer.strategy, gpus)[TOTAL] for f in last)
+    if activations and not fits(peak, gpu_gib):
+        extra += "\n\n" + propose(cfg, gpu_gib, log)
     return "\n\n".join(blocks) + "\n\n" + notes(last) + extra
+
+
+QUANTIZE_LADDER = ("none", "int8", "nf4")  # fp8 holds what int8 holds; int8's verdict is the milder (docs/memory.md)
+
+
+def _one_gpu(cfg: Run, checkpointing: bool) -> Run:
+    from dataclasses import replace as swap
+    return swap(cfg, trainer=swap(cfg.trainer, strategy="auto", devices=1, num_nodes=1),
+                model=swap(cfg.model, gradient_checkpointing=checkpointing, quantize="none"),
+                data=swap(cfg.data, cache=""))
+
+
+def _batch(cfg: Run) -> int:
+    return max(s.batch for s in plan(cfg))
+
+
+def propose(cfg: Run, gpu_gib: float, log=None) -> str:
+    """The cheapest setting that fits one GPU of `gpu_gib`, searched over model.quantize (none, int8, nf4), data.cache,
+    gradient checkpointing and the micro-batch (halved down to 1, gradient accumulation raised to keep the
+    effective batch), on one device (a quantized base is for one process). Cheapest: least quantization first
+    (it alone changes what the student learns from), then the largest micro-batch (throughput), then no added
+    checkpointing (about a third more compute), then no cache (a cached run fixes each image's crop and flip)."""
+    from . import GIB, SLACK, RESERVE_GIB, TOTAL, fits, per_rank, settle
+    b = _batch(cfg)
+    sizes = sorted({max(1, b >> i) for i in range(b.bit_length())}, reverse=True)
+    found = []  # (cost, peak, settings)
+    for checkpointing in dict.fromkeys([cfg.model.gradient_checkpointing, True]):
+        one = _one_gpu(cfg, checkpointing)
+        runs = sweep(one, sizes, log=log)
+        for size, fps in runs.items():
+            for q in QUANTIZE_LADDER:
+                for cached in (False, True):
+                    peak = max(per_rank(settle(f, q, cached), "auto", 1)[TOTAL] for f in fps)
+                    cost = (QUANTIZE_LADDER.index(q), sizes.index(size), checkpointing != cfg.model.gradient_checkpointing,
+                            cached)
+                    found.append((cost, peak, q, cached, checkpointing, size))
+    fitting = sorted(x for x in found if fits(x[1], gpu_gib))
+    lines = [f"Cheapest one-GPU setting that fits {gpu_gib:g} GiB (total x {1 + SLACK:g} + {RESERVE_GIB:g} GiB), searched "
+             f"over model.quantize, data.cache, gradient checkpointing and the micro-batch:"]
+    if not fitting:
+        best = min(found, key=lambda x: x[1])
+        return "\n".join(lines + [f"none fits: the least is {best[1] / GIB:.2f} GiB ({_settings(cfg, *best[2:])}). "
+                                  f"Use more GPUs with FSDP (model.quantize=none)."])
+    _, peak, *how = fitting[0]
+    lines.append(f"  {_settings(cfg, *how)}")
+    lines.append(f"  peak {peak / GIB:.2f} GiB per step. Every candidate (peak GiB):")
+    lines.append("")
+    lines.append("| quantize | cache | checkpointing | " + " | ".join(f"micro-batch {s}" for s in sizes) + " |")
+    lines.append("|---|---|---|" + "---:|" * len(sizes))
+    rows = {}
+    for cost, peak, q, cached, ck, size in found:
+        rows.setdefault((q, cached, ck), {})[size] = peak
+    for (q, cached, ck), by in rows.items():
+        cells = [f"{by[s] / GIB:.1f}" + ("" if fits(by[s], gpu_gib) else " ✗") for s in sizes]
+        lines.append(f"| {q} | {'yes' if cached else 'no'} | {'on' if ck else 'off'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _settings(cfg: Run, quantize: str, cached: bool, checkpointing: bool, size: int) -> str:
+    """The overrides of one candidate, as `hsd train` takes them."""
+    out = ["trainer.strategy=auto", "trainer.devices=1", f"model.quantize={quantize}"]
+    if cached:
+        out.append("data.cache=DIR (from `hsd cache CONFIG --out DIR`)")
+    if checkpointing != cfg.model.gradient_checkpointing:
+        out.append("model.gradient_checkpointing=true")
+    b = _batch(cfg)
+    if size != b:
+        ranks = cfg.trainer.devices * cfg.trainer.num_nodes
+        accumulate = -(-cfg.tscd.batch_size * cfg.tscd.accumulate * ranks // size)
+        out += [f"tscd.batch_size={size}", f"tscd.accumulate={accumulate}",
+                f"(the configured effective batch, {cfg.tscd.batch_size} x {cfg.tscd.accumulate} x {ranks} rank(s), kept)"]
+        out += [f"{k}.batch_size={size}" for k in ("feedback", "dmd") if getattr(cfg, k).iterations]
+    return " ".join(out)

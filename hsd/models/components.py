@@ -165,27 +165,26 @@ def check_family(components: Components, expected: str, where: str) -> None:
             f"{expected.upper()} weights")
 
 
-def load_components(path: str | Path, vae: str | Path = "", config: str | Path = "") -> Components:
+def load_components(path: str | Path, vae: str | Path = "", config: str | Path = "", unet=None) -> Components:
     """Load from a local diffusers folder (model_index.json) or a single-file .safetensors/.ckpt, offline.
 
     `vae` optionally replaces the VAE (e.g. an fp16-fixed SDXL VAE folder). A single file needs `config`:
     a diffusers folder with the configs and tokenizers, since the hub that usually supplies them is not
-    reachable.
+    reachable. `unet`: one already loaded (a folder's is not read again).
     """
     path = Path(path)
     if not path.exists():
         raise ModelError(f"model not found: {path} (expected a diffusers folder with model_index.json, "
                          f"or a single-file .safetensors checkpoint)")
-    comps = _from_single_file(path, config) if path.is_file() else _from_folder(path)
+    comps = _from_single_file(path, config) if path.is_file() else _from_folder(path, unet)
     if vae:
         comps.vae = _load(AutoencoderKL, Path(vae), None)
     return comps
 
 
-def _from_folder(path: Path) -> Components:
-    if not (path / "model_index.json").exists():
-        raise ModelError(f"{path} is not a diffusers pipeline folder: model_index.json is missing")
-    unet = _load(UNet2DConditionModel, path, "unet")
+def _from_folder(path: Path, unet=None) -> Components:
+    check_folder(path)
+    unet = _load(UNet2DConditionModel, path, "unet") if unet is None else unet
     family = family_of(unet.config)
     n = 2 if family == "sdxl" else 1
     enc = [_load(CLIPTextModel, path, "text_encoder")]
@@ -195,6 +194,24 @@ def _from_folder(path: Path) -> Components:
     sched = _load(DDIMScheduler, path, "scheduler")
     return Components(family, unet.eval(), _load(AutoencoderKL, path, "vae").eval(), [e.eval() for e in enc],
                       toks, sched)
+
+
+def check_folder(path: Path) -> None:
+    if not (path / "model_index.json").exists():
+        raise ModelError(f"{path} is not a diffusers pipeline folder: model_index.json is missing")
+
+
+def load_unet(path: str | Path, config: str | Path = ""):
+    """(the UNet, the scheduler) alone: what a cached run (data.cache) loads to train."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model not found: {path} (expected a diffusers folder with model_index.json, "
+                         f"or a single-file .safetensors checkpoint)")
+    if path.is_file():
+        c = _from_single_file(path, config)
+        return c.unet, c.scheduler
+    check_folder(path)
+    return _load(UNet2DConditionModel, path, "unet").eval(), _load(DDIMScheduler, path, "scheduler")
 
 
 def _load(cls, path: Path, sub: str | None):

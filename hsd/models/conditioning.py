@@ -49,10 +49,19 @@ class TextConditioner(nn.Module):
             if self._empty is None or self._empty.device != cond["encoder_hidden_states"].device:
                 self._empty = self([""])["encoder_hidden_states"]
             return {"encoder_hidden_states": self._empty.expand(B, -1, -1)}
-        add = cond["added_cond_kwargs"]
-        return {"encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
-                "added_cond_kwargs": {"text_embeds": torch.zeros_like(add["text_embeds"]),
-                                      "time_ids": add["time_ids"]}}
+        return sdxl_uncond(cond)
+
+
+def sdxl_uncond(cond: dict) -> dict:
+    """SDXL's empty prompt: zeros for the text (force_zeros_for_empty_prompt), the sample's own size numbers."""
+    add = cond["added_cond_kwargs"]
+    return {"encoder_hidden_states": torch.zeros_like(cond["encoder_hidden_states"]),
+            "added_cond_kwargs": {"text_embeds": torch.zeros_like(add["text_embeds"]), "time_ids": add["time_ids"]}}
+
+
+def expand_empty(empty: dict, batch: int, device) -> dict:
+    """The empty prompt's conditioning (one sample, a dict of tensors) for a batch, on `device`."""
+    return {k: v.to(device).expand(batch, *v.shape[1:]) for k, v in empty.items()}
 
 
 class PipelineText(nn.Module):
@@ -89,7 +98,7 @@ class PipelineText(nn.Module):
         B, device = cond["pooled_projections"].shape[0], cond["pooled_projections"].device
         if self._empty is None or self._empty["pooled_projections"].device != device:
             self._empty = self([""])
-        return {k: v.expand(B, *v.shape[1:]) for k, v in self._empty.items()}
+        return expand_empty(self._empty, B, device)
 
 
 @torch.no_grad()

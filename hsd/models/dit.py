@@ -168,7 +168,12 @@ def is_dit_folder(path: Path) -> bool:
 def image_tokens(vae, resolution: int) -> int:
     """The packed latent's token count at a square resolution (FLUX's 2x2 packing), from which a resolution-dependent
     shift follows; schedulers with a static shift ignore it."""
-    side = resolution // 2 ** (len(vae.config.block_out_channels) - 1) // 2
+    return tokens_at(2 ** (len(vae.config.block_out_channels) - 1), resolution)
+
+
+def tokens_at(downscale: int, resolution: int) -> int:
+    """image_tokens from the VAE's downscale factor (a cache's manifest records it)."""
+    side = resolution // downscale // 2
     return side * side
 
 
@@ -187,10 +192,11 @@ def dit_family(path: str | Path, expected: str | None = None) -> str:
     return family
 
 
-def load_dit(path: str | Path, family: str | None = None, t5: bool = False) -> DiTComponents:
+def load_dit(path: str | Path, family: str | None = None, t5: bool = False, transformer=None) -> DiTComponents:
     """An SD3 / SD3.5 folder (transformer/, vae/, the two CLIP encoders, and with `t5` its T5 encoder) or a FLUX.1
     folder (transformer/, vae/, CLIP-L and T5), offline. `family`: the one the run expects (a mismatch is a one-line
-    error). Without `t5` an SD3 folder's T5 is not loaded: the pipeline's text_encoder_3=None path (docs/flow.md)."""
+    error). Without `t5` an SD3 folder's T5 is not loaded: the pipeline's text_encoder_3=None path (docs/flow.md).
+    `transformer`: one already loaded (not read again)."""
     path, found = Path(path), dit_family(path, family)
     (second, second_tok), first = _SECOND[found], _FIRST[found]
     enc = [_load(first, path, "text_encoder").eval(), _load(second, path, "text_encoder_2").eval()]
@@ -201,9 +207,18 @@ def load_dit(path: str | Path, family: str | None = None, t5: bool = False) -> D
                              f"leave T5 off (the pipeline's text_encoder_3=None path)")
         enc.append(_load(T5EncoderModel, path, "text_encoder_3").eval())
         toks.append(_load(T5TokenizerFast, path, "tokenizer_3"))
-    return DiTComponents(found, _load(TRANSFORMERS[found], path, "transformer").eval(),
+    if transformer is None:
+        transformer = _load(TRANSFORMERS[found], path, "transformer").eval()
+    return DiTComponents(found, transformer,
                          _load(AutoencoderKL, path, "vae").eval(), enc, toks,
                          _load(FlowMatchEulerDiscreteScheduler, path, "scheduler"))
+
+
+def load_transformer(path: str | Path, family: str):
+    """(the transformer, the scheduler) alone: what a cached run (data.cache) loads to train."""
+    path, found = Path(path), dit_family(path, family)
+    return (_load(TRANSFORMERS[found], path, "transformer").eval(),
+            _load(FlowMatchEulerDiscreteScheduler, path, "scheduler"))
 
 
 def dit_pipeline(c: DiTComponents):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from peft.tuners.lora import LoraLayer
 
 from .denoisers import denoiser_class, lora_prefix
 from .lora_formats import PREFIX, LoraFile, LoraFormatError, LoraModule, peft_config_kwargs, read_lora, write_lora
+from .quantize import dense
 from .targets import DEFAULT_TARGETS
 
 __all__ = ["DEFAULT_TARGETS", "PREFIX", "LoraFormatError", "attach_lora", "add_adapter", "lora_params", "save_lora",
@@ -27,11 +29,21 @@ def attach_lora(unet, rank: int, alpha: float, targets: list[str] | None = None)
 
 def add_adapter(unet, name: str, rank: int, alpha: float, targets: list[str] | None = None) -> dict[str, torch.Tensor]:
     """A second (third...) zero-initialised adapter beside the existing ones; returns its parameters."""
-    with warnings.catch_warnings():  # peft warns that a model with an adapter gets another: that is the point
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+    with quiet_peft():
         unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets or DEFAULT_TARGETS,
                                     init_lora_weights=True), adapter_name=name)
     return lora_params(unet, name)
+
+
+@contextmanager
+def quiet_peft():
+    """peft's two warnings that do not apply here: a model with an adapter getting another (that is the point), and
+    a LoRA on a torchao-quantized layer that cannot merge into it (hsd never merges into the frozen base: fused
+    copies are dense, hsd.models.quantize.dense)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
+        yield
 
 
 def lora_params(unet, adapter: str | None = None) -> dict[str, torch.Tensor]:
@@ -42,7 +54,8 @@ def lora_params(unet, adapter: str | None = None) -> dict[str, torch.Tensor]:
 
 def plain_unet(unet, fuse: dict[str, float] | None = None):
     """A copy of the base UNet without peft layers, with the named adapters fused at weights {adapter: w}."""
-    base = {k.replace(".base_layer", ""): v.detach().clone() for k, v in unet.state_dict().items() if "lora_" not in k}
+    base = {k.replace(".base_layer", ""): dense(v.detach()).clone() for k, v in unet.state_dict().items()
+            if "lora_" not in k}  # a quantized base (model.quantize) comes back dequantized, in its dtype
     with torch.device("meta"):  # no random initialisation to overwrite (a minute per SDXL copy on one CPU thread)
         plain = denoiser_class(unet).from_config(unet.config)
     plain.load_state_dict(base, assign=True)  # copies, in the base weights' dtype
@@ -82,7 +95,8 @@ def load_lora_adapter(unet, path: str | os.PathLike, adapter_name: str = "defaul
     lora = read_lora(path, unet.config)
     _base_layers(unet, lora.modules, lora.path)  # fail on unknown modules before touching the UNet
     unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(**peft_config_kwargs(lora.modules)), adapter_name=adapter_name)
+    with quiet_peft():
+        unet.add_adapter(LoraConfig(**peft_config_kwargs(lora.modules)), adapter_name=adapter_name)
     _load_into(unet, lora, adapter_name)
     params = lora_params(unet, adapter_name)
     for p in params.values():

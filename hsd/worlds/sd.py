@@ -24,6 +24,7 @@ class SDSamples(L.Callback):
     """At the end of a stage, log k-step DDIM-trailing student images (diffusers pipeline) for a few captions."""
 
     def __init__(self, components, captions: list[str], steps: int, resolution: int):
+        # components: a callable, so that a cached run loads its text encoders and VAE only here
         self.components, self.captions, self.steps, self.res = components, captions, steps, resolution
 
     def on_train_end(self, trainer, module):
@@ -31,13 +32,19 @@ class SDSamples(L.Callback):
         from lightning.pytorch.strategies import FSDPStrategy
         if trainer.global_rank != 0 or not self.captions or isinstance(trainer.strategy, FSDPStrategy):
             return
-        pipe, extra = student_pipeline(self.components, self.steps)
+        comps = self.components()
+        pipe, extra = student_pipeline(comps, self.steps)
         pipe.set_progress_bar_config(disable=True)
+        away = [m for m in (comps.vae, *comps.text_encoders) if m.device != module.device]  # a cached run's
+        for m in away:
+            m.to(module.device)
         # Frozen weights may be bf16 beside an fp32 VAE and LoRA: autocast lets the pipeline mix them.
         half = module.unet.dtype != torch.float32
         with torch.no_grad(), torch.autocast(module.device.type, dtype=module.unet.dtype, enabled=half):
             x = pipe(self.captions, num_inference_steps=self.steps, height=self.res, width=self.res, output_type="pt",
                      generator=torch.Generator().manual_seed(0), **extra).images
+        for m in away:  # back off the GPU for the next stage
+            m.to("cpu")
         log_image(trainer, f"samples/k{module.stage.k}_{self.steps}step", x.float().cpu(), self.captions, nrow=1)
 
 
@@ -94,41 +101,97 @@ def one_batch(cfg: Run) -> tuple[int, str]:
     return max(1, sizes[key]) * ranks, f"{key}={sizes[key]} x {ranks} rank(s)"
 
 
+def load_world_components(cfg: Run, denoiser=None):
+    """The run's model (world sd15 | sdxl | sd3 | flux) from model.path, its family checked, the text encoders in
+    model.frozen_dtype; `denoiser`: one already loaded (not read again)."""
+    from ..models.components import check_family, load_components
+    m = cfg.model
+    if cfg.world in DIT_WORLDS:
+        from ..models.dit import load_dit
+        c = load_dit(m.path, cfg.world, t5=m.t5, transformer=denoiser)
+    else:
+        c = load_components(m.path, m.vae, m.config, unet=denoiser)
+        check_family(c, cfg.world, m.path)
+    frozen = getattr(torch, m.frozen_dtype)
+    for enc in c.text_encoders:
+        enc.to(frozen)
+    return c
+
+
+def load_denoiser(cfg: Run):
+    """(the denoiser, the scheduler) alone, its family checked: what a cached run loads to train."""
+    from ..models.components import ModelError, family_of
+    m = cfg.model
+    if cfg.world in DIT_WORLDS:
+        from ..models.dit import load_transformer
+        return load_transformer(m.path, cfg.world)
+    from ..models.components import load_unet
+    unet, scheduler = load_unet(m.path, m.config)
+    if family_of(unet.config) != cfg.world:
+        raise ModelError(f"{m.path} holds {family_of(unet.config).upper()} weights but the run asks for "
+                         f"{cfg.world.upper()} (world: {cfg.world}); set world: {family_of(unet.config)} or use "
+                         f"{cfg.world.upper()} weights")
+    return unet, scheduler
+
+
 class SD:
     """SD1.5 / SDXL from the user's local weights; image-text pairs from shards or a folder."""
 
     def __init__(self, cfg: Run):
         from ..data import FolderSource, ShardSource
         from ..data.sources import check_enough
-        from ..models.components import check_family, load_components
-        from ..models.conditioning import LatentEncoder, PipelineText, TextConditioner
+        from ..models.dit import image_tokens, tokens_at
         self.cfg, m, d = cfg, cfg.model, cfg.data
         check_files(cfg)  # every path the run will read, before any weights load or any trainer starts
-        self.source = (ShardSource(d.shards, d.missing_captions) if d.shards else
-                       FolderSource(d.folder, d.missing_captions))
+        self._components = None
+        if d.cache:  # the denoiser alone: the text encoders and the VAE load only when samples or feedback need them
+            from ..data.cache import CachedEncoder, cache_source, check_cache, check_view, load_empty, read_manifest
+            check_view(cfg)
+            manifest = read_manifest(d.cache)
+            check_cache(cfg, manifest)
+            self.source = cache_source(d.cache, manifest, d.missing_captions)
+        else:
+            self.source = (ShardSource(d.shards, d.missing_captions) if d.shards else
+                           FolderSource(d.folder, d.missing_captions))
         need, why = one_batch(cfg)
         check_enough(self.source, need, why)
-        if cfg.world in DIT_WORLDS:
-            from ..models.dit import load_dit
-            self.components = c = load_dit(m.path, cfg.world, t5=m.t5)
+        if d.cache:
+            unet, scheduler = load_denoiser(cfg)
+            tokens = tokens_at(manifest["latent_downscale"], m.resolution)
+            self.encoder = CachedEncoder(cfg.world, manifest, load_empty(d.cache))
         else:
-            self.components = c = load_components(m.path, m.vae, m.config)
-            check_family(c, cfg.world, m.path)
+            self._components = c = load_world_components(cfg)
+            unet, scheduler, tokens = c.unet, c.scheduler, image_tokens(c.vae, m.resolution)
         frozen = getattr(torch, m.frozen_dtype)
         # a dtype cast, even to float32, makes diffusers warn about "modules kept in float32: []"
-        self.unet = c.unet.to(frozen) if frozen != torch.float32 else c.unet
-        for enc in c.text_encoders:
-            enc.to(frozen)
+        self.unet = unet.to(frozen) if frozen != torch.float32 else unet
         if m.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        from ..models.dit import image_tokens
-        self.schedule = NoiseSchedule.from_scheduler(c.scheduler, image_tokens(c.vae, m.resolution))
+        self.schedule = NoiseSchedule.from_scheduler(scheduler, tokens)
+        if not d.cache:
+            self.encoder = self.latent_encoder()
+
+    @property
+    def components(self):
+        """The model's components around the trained denoiser; a cached run loads the rest only now."""
+        if self._components is None:
+            self._components = load_world_components(self.cfg, self.unet)
+        return self._components
+
+    def latent_encoder(self):
+        """The frozen VAE and text encoders as a batch encoder (LatentEncoder)."""
+        from ..models.conditioning import LatentEncoder, PipelineText, TextConditioner
+        c, m = self.components, self.cfg.model
         text = PipelineText(c) if c.family in DIT_WORLDS else TextConditioner(c.family, c.text_encoders, c.tokenizers)
-        self.encoder = LatentEncoder(c.vae, text, m.resolution, getattr(torch, m.vae_dtype))
+        return LatentEncoder(c.vae, text, m.resolution, getattr(torch, m.vae_dtype))
 
     def data(self, batches: int, seed: int, batch_size: int) -> L.LightningDataModule:
         from ..data import ImageTextData
         d = self.cfg.data
+        if d.cache:
+            from ..data.cache import cached_data
+            return cached_data(self.source, resolution=self.cfg.model.resolution, batch_size=batch_size,
+                               steps=batches, seed=seed, num_workers=d.num_workers)
         data = ImageTextData(shards=d.shards, folder=d.folder, resolution=self.cfg.model.resolution,
                              batch_size=batch_size, steps=batches, seed=seed, crop=d.crop,
                              flip=d.flip, num_workers=d.num_workers)
@@ -136,14 +199,15 @@ class SD:
         return data
 
     def callbacks(self, k: int) -> list[L.Callback]:
-        return [SDSamples(self.components, self.cfg.data.sample_prompts, k, self.cfg.model.resolution)]
+        return [SDSamples(lambda: self.components, self.cfg.data.sample_prompts, k, self.cfg.model.resolution)]
 
     def feedback_loss(self) -> FeedbackLoss:
         """The scorers named in feedback.rewards (hsd.scorers, from feedback.scorers) on VAE-decoded x'_0, and
         with feedback.instance_weight > 0 the SOLO instance loss on captioned COCO train images."""
         from ..rewards.feedback import InstanceTerm, ScorerRewards, VaeDecoder
         from ..scorers.scorers import load_scorers
-        f, decoder = self.cfg.feedback, VaeDecoder(self.encoder.vae)
+        encoder = self.latent_encoder() if self.cfg.data.cache else self.encoder  # cached: loaded only now
+        f, decoder = self.cfg.feedback, VaeDecoder(encoder.vae)
         rewards = ScorerRewards(decoder, load_scorers(f.scorers, tuple(f.rewards))) if f.rewards else None
         instance = None
         if f.instance_weight:
@@ -151,7 +215,7 @@ class SD:
             from ..rewards.instance import InstanceLoss, load_solo
             instance = InstanceTerm(CocoInstances(f.coco_annotations, f.coco_images, f.coco_captions),
                                     InstanceLoss(load_solo(f.solo, f.solo_classes)), decoder, self.cfg.model.resolution,
-                                    self.encoder.text, f.instance_start)
+                                    encoder.text, f.instance_start)
         return FeedbackLoss(f, rewards, instance)
 
     def report(self, made: Artefacts, out: Path, adapters: Adapters) -> str:
