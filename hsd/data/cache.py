@@ -156,7 +156,7 @@ def write_cache(cfg, out: str | Path, log_line=None) -> Path:
     import webdataset as wds
 
     from ..models.conditioning import PipelineText, TextConditioner
-    from ..worlds.sd import load_world_components
+    from ..models.load import load_world_components
     from .images import Preprocess
     from .sources import FolderSource, ShardSource, caption_of
     if cfg.world not in ("sd15", "sdxl", "sd3", "flux"):

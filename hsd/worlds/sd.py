@@ -11,6 +11,7 @@ import torch
 
 from ..diffusion.schedule import NoiseSchedule
 from ..names import DIT_WORLDS
+from ..models.load import load_denoiser, load_world_components
 from ..rewards.feedback import FeedbackLoss
 from .base import log_image
 
@@ -99,39 +100,6 @@ def one_batch(cfg: Run) -> tuple[int, str]:
     key = max(sizes, key=sizes.get)
     ranks = cfg.trainer.devices * cfg.trainer.num_nodes
     return max(1, sizes[key]) * ranks, f"{key}={sizes[key]} x {ranks} rank(s)"
-
-
-def load_world_components(cfg: Run, denoiser=None):
-    """The run's model (world sd15 | sdxl | sd3 | flux) from model.path, its family checked, the text encoders in
-    model.frozen_dtype; `denoiser`: one already loaded (not read again)."""
-    from ..models.components import check_family, load_components
-    m = cfg.model
-    if cfg.world in DIT_WORLDS:
-        from ..models.dit import load_dit
-        c = load_dit(m.path, cfg.world, t5=m.t5, transformer=denoiser)
-    else:
-        c = load_components(m.path, m.vae, m.config, unet=denoiser)
-        check_family(c, cfg.world, m.path)
-    frozen = getattr(torch, m.frozen_dtype)
-    for enc in c.text_encoders:
-        enc.to(frozen)
-    return c
-
-
-def load_denoiser(cfg: Run):
-    """(the denoiser, the scheduler) alone, its family checked: what a cached run loads to train."""
-    from ..models.components import ModelError, family_of
-    m = cfg.model
-    if cfg.world in DIT_WORLDS:
-        from ..models.dit import load_transformer
-        return load_transformer(m.path, cfg.world)
-    from ..models.components import load_unet
-    unet, scheduler = load_unet(m.path, m.config)
-    if family_of(unet.config) != cfg.world:
-        raise ModelError(f"{m.path} holds {family_of(unet.config).upper()} weights but the run asks for "
-                         f"{cfg.world.upper()} (world: {cfg.world}); set world: {family_of(unet.config)} or use "
-                         f"{cfg.world.upper()} weights")
-    return unet, scheduler
 
 
 class SD:
